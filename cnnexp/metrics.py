@@ -1,0 +1,42 @@
+"""metrics.csv: one row per epoch, appended and flushed as each epoch ends,
+so a crash or a kill loses at most the epoch in progress."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+COLUMNS = [
+    "epoch",
+    "train_loss",  # mean over the epoch's batches, as the original printed it
+    "train_acc",  # fraction of training samples classified right during the epoch
+    "test_loss",
+    "test_acc",
+    "lr",
+    "epoch_seconds",  # training and evaluation
+    "train_samples_per_s",
+]
+TIMING_COLUMNS = {"epoch_seconds", "train_samples_per_s"}
+
+
+class MetricsCSV:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Start the file afresh with these rows (a new run, or a resume)."""
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+            f.flush()
+            os.fsync(f.fileno())

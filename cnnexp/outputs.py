@@ -1,0 +1,57 @@
+"""A finished run's files besides metrics.csv: weights, per-class results and
+the inputs of the figures, so every plot can be re-rendered without the data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnexp.data import DeviceData
+from cnnexp.engine import EvalResult
+
+MODEL_FILE = "model.pt"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion.csv"
+SAMPLES_FILE = "predictions_sample.npz"
+
+
+def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData, final_eval: EvalResult,
+                        sample_images: torch.Tensor, eval_batch_size: int) -> None:
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, run_dir / MODEL_FILE)
+    write_per_class(run_dir / PER_CLASS_FILE, final_eval.confusion, data.classes)
+    write_confusion(run_dir / CONFUSION_FILE, final_eval.confusion, data.classes)
+    with torch.inference_mode():
+        model.eval()
+        n = sample_images.shape[0]
+        logits = model(data.test_x[:n])
+        model.train()
+    np.savez_compressed(
+        run_dir / SAMPLES_FILE,
+        images=sample_images.numpy(),  # uint8 (N, C, H, W), as read from the dataset
+        labels=data.test_y[:n].cpu().numpy(),
+        predictions=logits.argmax(1).cpu().numpy(),
+        classes=np.array(data.classes),
+    )
+
+
+def write_per_class(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
+    totals = confusion.sum(1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "correct", "total", "accuracy"])
+        for i, name in enumerate(classes):
+            total = int(totals[i])
+            correct = int(confusion[i, i])
+            writer.writerow([name, correct, total, correct / total if total else float("nan")])
+
+
+def write_confusion(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
+    """Rows are true classes, columns predicted classes."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\predicted", *classes])
+        for i, name in enumerate(classes):
+            writer.writerow([name, *(int(c) for c in confusion[i])])

@@ -1,0 +1,160 @@
+"""Figures rendered from a run's saved files alone (CSVs and the sample npz),
+so they can be redrawn anywhere with `python -m cnnexp.plot DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cnnexp.outputs import CONFUSION_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
+
+# The original experiment plotted one figure per metric.
+METRIC_FIGURES = {
+    "train_loss": ("Training loss (mean per epoch)", "loss", 1.0),
+    "test_loss": ("Test loss", "loss", 1.0),
+    "train_acc": ("Training accuracy", "accuracy (%)", 100.0),
+    "test_acc": ("Test accuracy", "accuracy (%)", 100.0),
+}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_run(run_dir: Path) -> list[Path]:
+    """Render every figure whose inputs exist in run_dir into run_dir/plots."""
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    written = []
+    metrics_path = run_dir / "metrics.csv"
+    if metrics_path.is_file():
+        metrics = pd.read_csv(metrics_path)
+        if len(metrics):
+            written += render_metric_figures(metrics, out)
+    if (run_dir / CONFUSION_FILE).is_file():
+        written.append(plot_confusion(run_dir / CONFUSION_FILE, out / "confusion_matrix.png"))
+    if (run_dir / PER_CLASS_FILE).is_file():
+        written.append(plot_per_class(run_dir / PER_CLASS_FILE, out / "per_class_accuracy.png"))
+    if (run_dir / SAMPLES_FILE).is_file():
+        written.append(plot_predictions(run_dir / SAMPLES_FILE, out / "predictions.png"))
+    return written
+
+
+def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
+    written = []
+    for column, (title, ylabel, scale) in METRIC_FIGURES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / f"{column}.png"))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (column, (title, ylabel, scale)) in zip(axes.flat, METRIC_FIGURES.items()):
+        ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=2)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "overview.png"))
+    return written
+
+
+def plot_confusion(path: Path, out: Path) -> Path:
+    table = pd.read_csv(path, index_col=0)
+    counts = table.to_numpy()
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), table.columns, rotation=45, ha="right")
+    ax.set_yticks(range(n), table.index)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({int(counts.sum())} test images)")
+    high = counts.max() / 2 if counts.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if counts[i, j] > high else "black")
+    return _save(fig, out)
+
+
+def plot_per_class(path: Path, out: Path) -> Path:
+    table = pd.read_csv(path)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(table)), 4))
+    ax.bar(table["class"], table["accuracy"] * 100, color="tab:blue")
+    mean = table["correct"].sum() / table["total"].sum() * 100
+    ax.axhline(mean, color="tab:red", linestyle="--", label=f"overall {mean:.1f} %")
+    ax.set(ylabel="test accuracy (%)", title="Test accuracy per class", ylim=(0, 100))
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_predictions(path: Path, out: Path, columns: int = 8) -> Path:
+    sample = np.load(path)
+    images, labels, preds, classes = sample["images"], sample["labels"], sample["predictions"], sample["classes"]
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, pred in zip(axes.flat, images, labels, preds):
+        picture = image.transpose(1, 2, 0)
+        ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", interpolation="nearest")
+        right = label == pred
+        ax.set_title(f"{classes[label]}\n→ {classes[pred]}", fontsize=7, color="tab:green" if right else "tab:red")
+    fig.suptitle("Test images: true class → predicted (green right, red wrong)", fontsize=9)
+    return _save(fig, out)
+
+
+# ----------------------------------------------------------------- sweeps
+SWEEP_FIGURES = {
+    "test_acc": ("Test accuracy", "accuracy (%)", 100.0),
+    "test_loss": ("Test loss", "loss", 1.0),
+    "train_loss": ("Training loss", "loss", 1.0),
+}
+
+
+def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[str, list[str]] | None) -> list[Path]:
+    """Comparison figures in the sweep root: one line per job (labelled by its
+    overrides), or with seeds, one line per group with a +-std band."""
+    written = []
+    for column, (title, ylabel, scale) in SWEEP_FIGURES.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if groups:
+            for label, members in groups.items():
+                frames = [curves[m].set_index("epoch")[column] * scale for m in members if m in curves]
+                if not frames:
+                    continue
+                stacked = pd.concat(frames, axis=1)
+                mean, std = stacked.mean(axis=1), stacked.std(axis=1, ddof=0)
+                line = ax.plot(mean.index, mean, label=f"{label} (n={len(frames)})")[0]
+                ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        else:
+            for label, frame in curves.items():
+                ax.plot(frame["epoch"], frame[column] * scale, marker="o", markersize=2, label=label)
+        ax.set(title=title + (" (mean ± std over seeds)" if groups else ""), xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        written.append(_save(fig, sweep_dir / f"compare_{column}.png"))
+    return written
+
+
+def plot_against_reference(metrics: pd.DataFrame, out: Path, band: tuple[float, float], peak: tuple[float, float],
+                           label: str = "cnnexp") -> Path:
+    """Test accuracy against the original experiment's published range:
+    `peak` (low, high) around its best epochs, `band` (low, high) at epoch 50."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(metrics["epoch"], metrics["test_acc"] * 100, marker="o", markersize=3, label=label)
+    ax.axhspan(*peak, xmin=0, xmax=1, color="tab:green", alpha=0.12, label=f"original best: {peak[0]}-{peak[1]} %")
+    ax.axhspan(*band, color="tab:orange", alpha=0.12, label=f"original at epoch 50: {band[0]}-{band[1]} %")
+    ax.set(title="Test accuracy against the original experiment", xlabel="epoch", ylabel="accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -1,0 +1,156 @@
+"""A job's life: validate, decide fresh/resume/skip, train, record how it ended.
+
+Exit codes of a single run: 0 done, 1 failed, 2 invalid config, 130/143
+stopped by SIGINT/SIGTERM (checkpoint written). In a sweep, a failed job is
+recorded and the sweep goes on; the sweep exits 1 at the end, naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
+from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.plots import render_run
+from cnnexp.runrecord import RunRecord, read_record, versions
+from cnnexp.train import Interrupted, config_for_resume, train
+from cnnexp.validate import check_writable, resolve_device, validate_config
+
+log = logging.getLogger("cnnexp")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the training loop finishes its step and stops."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self) -> int | None:
+        return self.signum
+
+
+@contextmanager
+def graceful_stop(flag: StopFlag):
+    def handler(signum, frame):
+        if flag.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag.signum = signum
+        log.warning("Stopping after the current step (signal %d); press Ctrl-C again to abort at once.", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def error(message: str) -> None:
+    log.error("error: %s", message)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> int:
+    """Run one job; returns the process exit code (0 in a sweep unless stopped)."""
+    try:
+        validate_config(cfg)
+        checkpoint, run_dir = plan_start(cfg, run_dir, multirun, overrides)
+        if checkpoint == "done":
+            log.info("%s already completed; skipping (delete it to run again).", run_dir)
+            return 0
+        if checkpoint is not None:
+            cfg = config_for_resume(checkpoint["config"], cfg, overrides)
+        check_writable(run_dir)
+    except ConfigError as err:
+        error(str(err))
+        if multirun:  # the sweep summary needs to know this job failed
+            RunRecord(run_dir, overrides=overrides).finish("failed", error=str(err))
+            return 0
+        return err.exit_code
+
+    device = resolve_device(cfg.trainer.device)
+    record = RunRecord(run_dir, overrides=overrides, command=" ".join(["cnnexp", *sys.argv[1:]]), device=str(device),
+                       device_name=_device_name(device), seed=cfg.trainer.seed, versions=versions(),
+                       resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
+    record.write()
+    flag, started = StopFlag(), time.perf_counter()
+
+    def finish(status: str, **fields) -> None:
+        record.finish(status, wall_seconds=round(time.perf_counter() - started, 1), **fields)
+
+    try:
+        with graceful_stop(flag):
+            result = train(cfg, run_dir, device, flag, checkpoint=checkpoint,
+                           on_epoch=lambda row: record.update(epochs_completed=row["epoch"]))
+        render_run(run_dir)
+        best = max(result.rows, key=lambda r: r["test_acc"])
+        finish("completed", epochs_completed=len(result.rows), final_test_acc=result.final_eval.accuracy,
+               best_test_acc=best["test_acc"], best_epoch=best["epoch"])
+        log.info("Done: test accuracy %.2f %% (best %.2f %% at epoch %d). Outputs in %s",
+                 100 * result.final_eval.accuracy, 100 * best["test_acc"], best["epoch"], run_dir)
+        return 0
+    except Interrupted as stop:
+        finish("interrupted", error=str(stop))
+        render_run(run_dir)
+        log.warning("Stopped; checkpoint in %s. Resume with:\n  python -m cnnexp trainer.resume=%s",
+                    run_dir / CHECKPOINT_NAME, run_dir)
+        code = 128 + stop.signum
+        if multirun:
+            raise SystemExit(code) from None  # stop the whole sweep; re-run it to continue
+        return code
+    except KeyboardInterrupt:
+        finish("interrupted", error="aborted by a second Ctrl-C (no checkpoint for this epoch)")
+        return 130
+    except CnnexpError as err:
+        error(str(err))
+        finish("failed", error=str(err))
+        render_run(run_dir)
+        return 0 if multirun else err.exit_code
+    except Exception as err:  # a bug: keep the traceback in the log
+        log.error("Unexpected error:\n%s", traceback.format_exc())
+        finish("failed", error=f"{type(err).__name__}: {err}")
+        return 0 if multirun else 1
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_NAME
+
+
+def plan_start(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]):
+    """(checkpoint or None or "done", run dir to write). trainer.resume names the
+    run to continue; a sweep job whose directory holds a run picks up from it."""
+    if cfg.trainer.resume:
+        path = find_checkpoint(str(cfg.trainer.resume))
+        return load_checkpoint(path), path.parent.parent
+    if not multirun:
+        return None, run_dir
+    record = read_record(run_dir)
+    if record is None:
+        return None, run_dir
+    if record.get("overrides") is not None and record["overrides"] != overrides:
+        raise ConfigError(
+            f"{run_dir} holds a job run with overrides {record['overrides']}, not {overrides}; "
+            "a resumed sweep must repeat the same sweep command, or use a new hydra.sweep.dir."
+        )
+    if record.get("status") == "completed":
+        return "done", run_dir
+    if checkpoint_path(run_dir).is_file():
+        log.info("Continuing %s from its last checkpoint", run_dir)
+        return load_checkpoint(checkpoint_path(run_dir)), run_dir
+    return None, run_dir
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -1,0 +1,170 @@
+"""Sweep results: summary.csv and comparison plots in a multirun's root.
+
+Everything is rebuilt from the job directories on disk (run.json,
+metrics.csv, .hydra/overrides.yaml), so the same code serves a sweep in
+progress (after each job), a finished one, one with failed or interrupted
+jobs, and one copied back from a cluster (`python -m cnnexp.plot DIR`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from cnnexp.plots import render_sweep
+from cnnexp.runrecord import read_record
+
+log = logging.getLogger("cnnexp")
+SUMMARY_FILE = "summary.csv"
+SEED_KEY = "trainer.seed"
+GROUPED_METRICS = ["best_test_acc", "final_test_acc", "final_train_loss"]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The numbered job directories of a sweep, in job order."""
+    dirs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name))
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "multirun.yaml").is_file() or any(
+        (d / "run.json").is_file() or (d / "metrics.csv").is_file() for d in job_dirs(path)
+    )
+
+
+def job_overrides(job_dir: Path) -> dict[str, str]:
+    """key -> value of the job's command-line overrides (Hydra's own keys left out)."""
+    overrides = None
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        overrides = yaml.safe_load(path.read_text()) or []
+    else:
+        overrides = (read_record(job_dir) or {}).get("overrides", [])
+    pairs = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra"):
+            pairs[key] = value
+    return pairs
+
+
+def _job_row(job_dir: Path) -> tuple[dict, pd.DataFrame | None]:
+    record = read_record(job_dir) or {}
+    metrics = None
+    if (job_dir / "metrics.csv").is_file():
+        try:
+            metrics = pd.read_csv(job_dir / "metrics.csv")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            metrics = None
+    has_rows = metrics is not None and len(metrics) > 0
+    status = record.get("status") or ("unknown" if has_rows else "failed")
+    error = (record.get("error") or "").splitlines()[0] if record.get("error") else ""
+    if status == "failed" and not error and not record:
+        error = f"no run.json; see {job_dir / 'cnnexp.log'}"
+    row = {
+        "job": int(job_dir.name),
+        "status": status,
+        "error": error,
+        "epochs": len(metrics) if has_rows else 0,
+        "best_test_acc": float(metrics["test_acc"].max()) if has_rows else math.nan,
+        "best_epoch": int(metrics.loc[metrics["test_acc"].idxmax(), "epoch"]) if has_rows else math.nan,
+        "final_test_acc": float(metrics["test_acc"].iloc[-1]) if has_rows else math.nan,
+        "final_train_loss": float(metrics["train_loss"].iloc[-1]) if has_rows else math.nan,
+        "wall_seconds": record.get("wall_seconds", math.nan),
+        "run_dir": str(job_dir),
+    }
+    return row, metrics if has_rows else None
+
+
+def swept_keys(overrides: list[dict[str, str]]) -> list[str]:
+    """Keys whose value differs between jobs (all override keys for a one-job sweep)."""
+    keys = []
+    for ov in overrides:
+        keys += [k for k in ov if k not in keys]
+    if len(overrides) <= 1:
+        return keys
+    return [k for k in keys if len({ov.get(k) for ov in overrides}) > 1]
+
+
+def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, list[str]] | None]:
+    """summary table, per-job curves keyed by label, seed groups (label -> job labels) or None."""
+    dirs = job_dirs(sweep_dir)
+    overrides = [job_overrides(d) for d in dirs]
+    keys = swept_keys(overrides)
+    rows, curves, labels = [], {}, []
+    for job_dir, ov in zip(dirs, overrides):
+        row, metrics = _job_row(job_dir)
+        label = " ".join(f"{k}={ov.get(k, '')}" for k in keys) or f"job {job_dir.name}"
+        rows.append({"job": row["job"], **{k: ov.get(k, "") for k in keys}, **{k: v for k, v in row.items() if k != "job"}})
+        labels.append(label)
+        if metrics is not None:
+            curves[label] = metrics
+    table = pd.DataFrame(rows)
+    groups = None
+    if SEED_KEY in keys and len(rows) > 1:
+        group_keys = [k for k in keys if k != SEED_KEY]
+        group_labels = [" ".join(f"{k}={r[k]}" for k in group_keys) or "all seeds" for r in rows]
+        table["group"] = group_labels
+        for metric in GROUPED_METRICS:
+            by_group = table.groupby("group")[metric]
+            table[f"group_mean_{metric}"] = by_group.transform("mean")
+            table[f"group_std_{metric}"] = by_group.transform(lambda s: s.std(ddof=0))
+        groups = {}
+        for group, label in zip(group_labels, labels):
+            groups.setdefault(group, []).append(label)
+    return table, curves, groups
+
+
+def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
+    sweep_dir = Path(sweep_dir)
+    table, curves, groups = summarise(sweep_dir)
+    tmp = sweep_dir / f".{SUMMARY_FILE}.tmp{os.getpid()}"
+    table.to_csv(tmp, index=False)
+    tmp.replace(sweep_dir / SUMMARY_FILE)  # parallel jobs each write whole files: last one wins
+    if plots and curves:
+        render_sweep(sweep_dir, curves, groups)
+    return table
+
+
+def failed_jobs_line(table: pd.DataFrame) -> str | None:
+    bad = table[table["status"] != "completed"] if len(table) else table
+    if not len(bad):
+        return None
+    parts = [f"job {r.job} {r.status}" + (f" ({r.error})" if r.error else "") for r in bad.itertuples()]
+    return f"{len(bad)} of {len(table)} sweep jobs did not complete: " + "; ".join(parts)
+
+
+class SweepSummaryCallback(Callback):
+    """Keeps summary.csv current as jobs end; plots and reports when the sweep ends."""
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return
+        try:
+            write_summary(Path(hc.sweep.dir))
+        except Exception as err:  # a summary must never fail the job it summarises
+            log.warning("Could not update the sweep summary: %s", err)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        table = write_summary(sweep_dir, plots=True)
+        log.info("Sweep summary: %s", sweep_dir / SUMMARY_FILE)
+        line = failed_jobs_line(table)
+        if line:
+            print(f"cnnexp: error: {line}", file=sys.stderr)
+            raise SystemExit(1)

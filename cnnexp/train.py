@@ -1,0 +1,280 @@
+"""One training run: data in, epochs, a checkpoint and a metrics row per epoch, final outputs.
+
+The loop keeps the original experiment's semantics: each epoch trains over
+every batch of a fresh random permutation (the last partial batch included),
+then evaluates on the whole test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cnnexp import data as datasets
+from cnnexp.checkpoint import CHECKPOINT_NAME, atomic_torch_save, restore_rng_states, rng_states
+from cnnexp.engine import Engine, EvalResult, build_optimizer, cpu_settings, evaluate
+from cnnexp.errors import ConfigError, DataError, TrainingDiverged
+from cnnexp.metrics import MetricsCSV
+from cnnexp.outputs import write_final_outputs
+
+log = logging.getLogger("cnnexp")
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); a checkpoint has been written."""
+
+    def __init__(self, signum: int, epoch: int, step: int):
+        super().__init__(f"stopped by signal {signum} in epoch {epoch} after step {step}")
+        self.signum, self.epoch, self.step = signum, epoch, step
+
+
+@dataclass
+class RunResult:
+    rows: list[dict]
+    final_eval: EvalResult
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(base_lr: float, schedule: str, epoch: int, max_epochs: int) -> float:
+    """The learning rate for 1-based `epoch`."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
+    return base_lr
+
+
+def cpu_budget() -> int:
+    """Cores this job may use: all of them, or its share under a parallel launcher."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel_jobs())
+
+
+def parallel_jobs() -> int:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+        n_jobs = int(launcher.get("n_jobs", 1) or 1)
+    except Exception:  # not under Hydra (tests, library use) or a launcher without n_jobs
+        return 1
+    cores = os.cpu_count() or 1
+    return cores if n_jobs < 0 else max(1, n_jobs)
+
+
+def build_model(model_cfg: DictConfig, splits: datasets.ImageSplits) -> torch.nn.Module:
+    model = instantiate(model_cfg, in_channels=splits.in_channels, num_classes=len(splits.classes))
+    probe = splits.train_images[:1].float()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except RuntimeError as err:
+        h, w = splits.image_size
+        raise DataError(
+            f"The model {model_cfg._target_} cannot take {h}x{w} images ({str(err).splitlines()[0]}). "
+            "Resize the images (data.resize=32 for the tutorial net) or choose another model."
+        ) from None
+    if out.shape != (1, len(splits.classes)):
+        raise DataError(f"The model {model_cfg._target_} returned shape {tuple(out.shape)} for one image; "
+                        f"expected (1, {len(splits.classes)}).")
+    return model
+
+
+class Progress:
+    """A tqdm bar per epoch on a terminal, plain log lines elsewhere."""
+
+    def __init__(self, mode: str, log_every: int, steps_per_epoch: int, show_loss: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.log_every, self.total, self.show_loss = mode, log_every, steps_per_epoch, show_loss
+        self.bar = None
+        self.every = min(log_every, 100) if mode == "bar" else log_every
+
+    def start(self, epoch: int, max_epochs: int, start_step: int) -> None:
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=start_step, desc=f"epoch {epoch}/{max_epochs}",
+                            unit="step", leave=False, dynamic_ncols=True)
+        self.epoch, self.last = epoch, start_step
+
+    def update(self, step: int, running_loss: Callable[[], float]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            if self.show_loss:
+                self.bar.set_postfix(loss=f"{running_loss():.3f}", refresh=False)
+        elif self.mode == "log" and step % self.log_every == 0:
+            loss = f"loss {running_loss():.3f}" if self.show_loss else ""
+            log.info("[epoch %d, step %5d] %s", self.epoch, step, loss)
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: Callable[[], int | None],
+          checkpoint: dict | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+    """Train according to cfg, writing metrics.csv, checkpoints and final outputs into run_dir.
+
+    `checkpoint` (from trainer.resume) continues a run; `stop_requested`
+    returns a signal number once the user asked to stop."""
+    t_cfg = cfg.trainer
+    seed_everything(t_cfg.seed)
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    splits = datasets.read_splits(cfg.data)
+    model = build_model(cfg.model, splits).to(device)
+    data = datasets.to_device(splits, cfg.data, device)
+    sample_images = splits.test_images[:32].clone()  # for the predictions grid
+    del splits
+
+    capturable = device.type == "cuda" and t_cfg.cuda_graph
+    optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
+    batch_size = int(cfg.data.batch_size)
+    n_train = data.train_x.shape[0]
+    engine = Engine(model, optimizer, n_train, batch_size, device, cuda_graph=t_cfg.cuda_graph)
+    data_order = torch.Generator().manual_seed(int(t_cfg.seed))
+
+    rows: list[dict] = []
+    start_epoch, start_step, partial = 1, 0, None
+    metrics = MetricsCSV(run_dir / "metrics.csv")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_states(checkpoint["rng"], data_order)
+        rows = checkpoint["metrics"]
+        start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint["step"]
+        partial = checkpoint.get("partial")
+        log.info("Resuming at epoch %d, step %d", start_epoch, start_step)
+    metrics.rewrite(rows)  # drops any row written after the checkpoint
+
+    threads = t_cfg.num_threads
+    train_threads = threads or (1 if batch_size <= 64 else cpu_budget())
+    eval_threads = threads or cpu_budget()
+    # oneDNN's convolution setup costs more than it saves at these sizes.
+    onednn = None if device.type != "cpu" or not t_cfg.fast_path else False
+    progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
+                        show_loss=device.type == "cpu")
+    log.info("Training %s on %s (%d train / %d test images, %d classes) for %d epochs on %s",
+             cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train, data.test_x.shape[0],
+             data.num_classes, t_cfg.max_epochs, device)
+
+    final_eval = None
+    for epoch in range(start_epoch, t_cfg.max_epochs + 1):
+        lr = learning_rate(cfg.optim.lr, t_cfg.lr_schedule, epoch, t_cfg.max_epochs)
+        optimizer.set_lr(lr)
+        order_state = data_order.get_state()  # so a mid-epoch stop can redraw this permutation
+        perm = torch.randperm(n_train, generator=data_order)
+        first_step = start_step if epoch == start_epoch else 0
+        progress.start(epoch, t_cfg.max_epochs, first_step)
+        t0 = time.perf_counter()
+        with cpu_settings(train_threads, onednn):
+            result = engine.train_epoch(
+                data.train_x, data.train_y, perm, start_step=first_step,
+                start_correct=partial["correct"] if partial and epoch == start_epoch else 0,
+                prior_losses=partial["losses"] if partial and epoch == start_epoch else None,
+                should_stop=lambda: stop_requested() is not None,
+                on_progress=progress.update, progress_every=progress.every)
+        train_seconds = time.perf_counter() - t0 + (partial["seconds"] if partial and epoch == start_epoch else 0)
+        progress.close()
+
+        if result.first_bad_step is not None:
+            raise TrainingDiverged(
+                f"The training loss became NaN or infinite at epoch {epoch}, step {result.first_bad_step + 1} "
+                f"(optim.lr={cfg.optim.lr}). Metrics of the {len(rows)} completed epoch(s) are kept. "
+                "Try a lower learning rate, e.g. optim.lr=" + f"{cfg.optim.lr / 10:g}."
+            )
+        signum = stop_requested()
+        if signum is not None and result.steps < engine.steps_per_epoch:
+            _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch - 1, result.steps,
+                             order_state, engine, result, train_seconds)
+            raise Interrupted(signum, epoch, result.steps)
+
+        with cpu_settings(eval_threads, onednn):
+            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes)
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss_sum / engine.steps_per_epoch,
+            "train_acc": result.correct / n_train,
+            "test_loss": final_eval.loss,
+            "test_acc": final_eval.accuracy,
+            "lr": lr,
+            "epoch_seconds": round(time.perf_counter() - t0 + (partial["seconds"] if partial and epoch == start_epoch else 0), 3),
+            "train_samples_per_s": round(result.samples / max(train_seconds, 1e-9), 1),
+        }
+        rows.append(row)
+        if t_cfg.checkpoint:
+            _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch, 0, None, None, None, 0.0)
+        metrics.append(row)
+        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_loss %.4f  test_acc %.4f  (%.1f s)",
+                 epoch, t_cfg.max_epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+                 row["test_acc"], row["epoch_seconds"])
+        if on_epoch is not None:
+            on_epoch(row)
+        if signum is not None:
+            raise Interrupted(signum, epoch, engine.steps_per_epoch)
+
+    if final_eval is None:  # resumed a run whose epochs were all done
+        with cpu_settings(eval_threads, onednn):
+            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes)
+    write_final_outputs(run_dir, model, data, final_eval, sample_images, t_cfg.eval_batch_size)
+    return RunResult(rows=rows, final_eval=final_eval)
+
+
+def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_done, step, order_state, engine,
+                     result, train_seconds) -> None:
+    """epochs_done completed epochs; a non-zero step marks a stop inside the next epoch."""
+    rng = rng_states(data_order)
+    partial = None
+    if step:
+        rng["data_order"] = order_state  # redraw the interrupted epoch's permutation on resume
+        partial = {"losses": engine.stepper.losses[:step].detach().cpu().clone(), "correct": result.correct,
+                   "seconds": train_seconds}
+    state = {
+        "format": 1,
+        "epoch": epochs_done,
+        "step": step,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "metrics": list(rows),
+        "partial": partial,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    atomic_torch_save(state, run_dir / CHECKPOINT_NAME)
+
+
+def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list[str]) -> DictConfig:
+    """The saved run's config, with only the keys that may change on a resume taken from now."""
+    resumed = OmegaConf.create(saved)
+    changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "resume", "eval_batch_size")
+    for key in changeable:
+        resumed.trainer[key] = current.trainer[key]
+    for override in explicit_overrides:
+        key, _, _ = override.lstrip("+~").partition("=")
+        if key.startswith("hydra") or key in {f"trainer.{k}" for k in changeable}:
+            continue
+        if OmegaConf.select(resumed, key, default=None) != OmegaConf.select(current, key, default=None) or "/" in key:
+            raise ConfigError(
+                f"{override!r} differs from the run being resumed; trainer.resume continues a run with its own "
+                f"config (only trainer.{', trainer.'.join(changeable[:4])} may change). Start a new run instead."
+            )
+    return resumed

@@ -1,0 +1,29 @@
+"""Checks Hydra runs before it creates the run directory, so an output
+location that cannot be written is one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from cnnexp.errors import ConfigError
+from cnnexp.validate import check_writable
+
+
+def _check(path: str) -> None:
+    try:
+        check_writable(Path(path))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+class OutputDirCheck(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check(config.hydra.sweep.dir)

@@ -1,0 +1,25 @@
+"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (timings, not tests)."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "cnnexp", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side timings: nox -s bench [-- --steps 3000 --repeats 5]."""
+    session.install(".")
+    session.run("python", "benchmarks/bench_engine.py", *session.posargs)

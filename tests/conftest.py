@@ -1,0 +1,38 @@
+"""Shared helpers: compose the real config, run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cnnexp.cli import config_dir
+
+# Small synthetic data keeps a CLI run to a few seconds.
+SMALL = ["data=synthetic", "data.n_train=400", "data.n_test=200", "trainer.progress=log"]
+
+
+@pytest.fixture
+def compose_cfg():
+    def _compose(overrides=()):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_cli(args, cwd: Path, module: str = "cnnexp", timeout: float = 300, env: dict | None = None, **kw):
+    """Run `python -m cnnexp ARGS` in cwd and return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env, **kw)
+
+
+def start_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "cnnexp", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)

@@ -1,0 +1,90 @@
+"""The fast path computes what plain nn.Module + torch.optim.SGD computes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from cnnexp.engine import Engine, FlatSGD, TorchOptimizer, build_optimizer, evaluate
+from cnnexp.models import TutorialCNN, WideCNN
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference_steps(model, data, labels, perm, batch_size, **sgd):
+    optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    for i in range(0, len(perm), batch_size):
+        index = perm[i : i + batch_size]
+        optimizer.zero_grad()
+        F.cross_entropy(model(data[index]), labels[index]).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sgd", [dict(lr=0.01, momentum=0.9), dict(lr=0.01, momentum=0.9, weight_decay=5e-4),
+                                 dict(lr=0.01, momentum=0.9, nesterov=True), dict(lr=0.05, momentum=0.0)])
+@pytest.mark.parametrize("model_class", [TutorialCNN, lambda: WideCNN(width=4, dropout=0.0)])
+def test_fast_path_matches_torch_sgd(device, sgd, model_class):
+    torch.manual_seed(0)
+    n, batch_size = 202, 4  # 51 steps, the last one a partial batch
+    data, labels = torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+    perm = torch.randperm(n)
+    model = model_class().to(device)
+    reference = reference_steps(copy.deepcopy(model), data, labels, perm.to(device), batch_size, **sgd)
+
+    optimizer = FlatSGD(model, lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd.get("weight_decay", 0.0),
+                        nesterov=sgd.get("nesterov", False), capturable=device == "cuda")
+    engine = Engine(model, optimizer, n, batch_size, torch.device(device))
+    result = engine.train_epoch(data, labels, perm)
+    assert result.steps == 51 and result.samples == n
+    for (name, fast), slow in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradients_stay_inside_the_flat_buffer():
+    model = TutorialCNN()
+    optimizer = FlatSGD(model, lr=0.01, momentum=0.9)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    def inside(tensor, buffer):
+        start = buffer.data_ptr()
+        return start <= tensor.data_ptr() < start + buffer.numel() * buffer.element_size()
+
+    for p in model.parameters():
+        assert inside(p.grad, optimizer.grads) and inside(p, optimizer.params)
+    assert optimizer.grads.abs().sum() > 0
+
+
+def test_other_optimisers_go_through_torch_optim():
+    cfg = OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01})
+    optimizer = build_optimizer(cfg, TutorialCNN(), fast_path=True)
+    assert isinstance(optimizer, TorchOptimizer)
+    assert isinstance(optimizer.optimizer, torch.optim.Adam)
+    sgd = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01, "momentum": 0.9,
+                            "weight_decay": 0.0, "nesterov": False})
+    assert isinstance(build_optimizer(sgd, TutorialCNN(), fast_path=True), FlatSGD)
+    assert isinstance(build_optimizer(sgd, TutorialCNN(), fast_path=False), TorchOptimizer)
+
+
+def test_nan_loss_is_caught_with_its_step():
+    torch.manual_seed(0)
+    model = TutorialCNN()
+    data, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    data[17] = float("nan")  # sample 17 lands in step 5 (0-based 4) in order
+    engine = Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), 40, 4, torch.device("cpu"), nan_check_every=3)
+    result = engine.train_epoch(data, labels, torch.arange(40))
+    assert result.first_bad_step == 4
+    assert result.steps < 10  # stopped at the next check, not at the end of the epoch
+
+
+def test_evaluate_counts_every_test_image():
+    model = TutorialCNN()
+    data, labels = torch.randn(250, 3, 32, 32), torch.randint(0, 10, (250,))
+    result = evaluate(model, data, labels, batch_size=100, num_classes=10)
+    assert int(result.confusion.sum()) == 250
+    with torch.no_grad():
+        logits = model(data)
+    assert result.accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert result.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)

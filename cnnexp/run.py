@@ -22,10 +22,14 @@ from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
 from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.plots import render_run
 from cnnexp.runrecord import RunRecord, read_record, versions
-from cnnexp.train import Interrupted, config_for_resume, train
+from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
 from cnnexp.validate import check_writable, resolve_device, validate_config
 
 log = logging.getLogger("cnnexp")
+
+
+class SweepDirTaken(ConfigError):
+    """A re-run sweep whose job directory holds a different job."""
 
 
 class StopFlag:
@@ -69,6 +73,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         if checkpoint is not None:
             cfg = config_for_resume(checkpoint["config"], cfg, overrides)
         check_writable(run_dir)
+    except SweepDirTaken as err:  # leave the other sweep's results untouched and stop
+        error(str(err))
+        raise SystemExit(err.exit_code) from None
     except ConfigError as err:
         error(str(err))
         if multirun:  # the sweep summary needs to know this job failed
@@ -77,8 +84,11 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return err.exit_code
 
     device = resolve_device(cfg.trainer.device)
+    if checkpoint is not None:
+        _log_into(run_dir)
     record = RunRecord(run_dir, overrides=overrides, command=" ".join(["cnnexp", *sys.argv[1:]]), device=str(device),
                        device_name=_device_name(device), seed=cfg.trainer.seed, versions=versions(),
+                       threads=dict(zip(("train", "eval"), thread_plan(cfg.trainer, cfg.data.batch_size))),
                        resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
     record.write()
     flag, started = StopFlag(), time.perf_counter()
@@ -120,6 +130,17 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return 0 if multirun else 1
 
 
+def _log_into(run_dir: Path) -> None:
+    """Continue the resumed run's own cnnexp.log (Hydra logs into this invocation's dir)."""
+    path = run_dir / "cnnexp.log"
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT_NAME
 
@@ -136,7 +157,7 @@ def plan_start(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[s
     if record is None:
         return None, run_dir
     if record.get("overrides") is not None and record["overrides"] != overrides:
-        raise ConfigError(
+        raise SweepDirTaken(
             f"{run_dir} holds a job run with overrides {record['overrides']}, not {overrides}; "
             "a resumed sweep must repeat the same sweep command, or use a new hydra.sweep.dir."
         )

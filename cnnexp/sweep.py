@@ -109,6 +109,8 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
         if metrics is not None:
             curves[label] = metrics
     table = pd.DataFrame(rows)
+    if len(table):
+        table["best_epoch"] = table["best_epoch"].astype("Int64")  # stays an integer beside failed jobs
     groups = None
     if SEED_KEY in keys and len(rows) > 1:
         group_keys = [k for k in keys if k != SEED_KEY]

@@ -77,6 +77,15 @@ def parallel_jobs() -> int:
     return cores if n_jobs < 0 else max(1, n_jobs)
 
 
+def thread_plan(trainer_cfg: DictConfig, batch_size: int) -> tuple[int, int]:
+    """(training, evaluation) CPU threads. Small-batch steps are overhead-bound
+    and run fastest on one thread; evaluation at a large batch uses this job's
+    share of the cores."""
+    if trainer_cfg.num_threads:
+        return trainer_cfg.num_threads, trainer_cfg.num_threads
+    return (1 if batch_size <= 64 else cpu_budget()), cpu_budget()
+
+
 def build_model(model_cfg: DictConfig, splits: datasets.ImageSplits) -> torch.nn.Module:
     model = instantiate(model_cfg, in_channels=splits.in_channels, num_classes=len(splits.classes))
     probe = splits.train_images[:1].float()
@@ -166,16 +175,14 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         log.info("Resuming at epoch %d, step %d", start_epoch, start_step)
     metrics.rewrite(rows)  # drops any row written after the checkpoint
 
-    threads = t_cfg.num_threads
-    train_threads = threads or (1 if batch_size <= 64 else cpu_budget())
-    eval_threads = threads or cpu_budget()
+    train_threads, eval_threads = thread_plan(t_cfg, batch_size)
     # oneDNN's convolution setup costs more than it saves at these sizes.
     onednn = None if device.type != "cpu" or not t_cfg.fast_path else False
     progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
                         show_loss=device.type == "cpu")
-    log.info("Training %s on %s (%d train / %d test images, %d classes) for %d epochs on %s",
-             cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train, data.test_x.shape[0],
-             data.num_classes, t_cfg.max_epochs, device)
+    log.info("Training %s on %s (%d train / %d test images, %d classes) for %d epochs on %s "
+             "(threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train,
+             data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, train_threads, eval_threads)
 
     final_eval = None
     for epoch in range(start_epoch, t_cfg.max_epochs + 1):
@@ -263,16 +270,17 @@ def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_do
 
 
 def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list[str]) -> DictConfig:
-    """The saved run's config, with only the keys that may change on a resume taken from now."""
+    """The saved run's config; the command line may change only how it runs on (epochs, device, ...)."""
     resumed = OmegaConf.create(saved)
-    changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "resume", "eval_batch_size")
-    for key in changeable:
-        resumed.trainer[key] = current.trainer[key]
+    resumed.trainer.resume = current.trainer.resume
+    changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "eval_batch_size")
     for override in explicit_overrides:
-        key, _, _ = override.lstrip("+~").partition("=")
-        if key.startswith("hydra") or key in {f"trainer.{k}" for k in changeable}:
+        key = override.lstrip("+~").partition("=")[0]
+        if key.startswith("hydra") or key == "trainer.resume":
             continue
-        if OmegaConf.select(resumed, key, default=None) != OmegaConf.select(current, key, default=None) or "/" in key:
+        if key.removeprefix("trainer.") in changeable and key.startswith("trainer."):
+            resumed.trainer[key.removeprefix("trainer.")] = current.trainer[key.removeprefix("trainer.")]
+        elif "/" in key or OmegaConf.select(resumed, key, default=None) != OmegaConf.select(current, key, default=None):
             raise ConfigError(
                 f"{override!r} differs from the run being resumed; trainer.resume continues a run with its own "
                 f"config (only trainer.{', trainer.'.join(changeable[:4])} may change). Start a new run instead."

@@ -1,0 +1,107 @@
+"""Nothing lost: a killed run resumes to the same results, signals stop cleanly."""
+
+import csv
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from cnnexp.metrics import TIMING_COLUMNS
+from conftest import SMALL, run_cli, start_cli
+
+ARGS = [*SMALL, "data.n_train=1200", "trainer.max_epochs=4", "trainer.num_threads=1"]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def wait_for_rows(path, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().count("\n") >= n + 1:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never reached {n} rows")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    result = run_cli([*ARGS, f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return read_rows(tmp / "run" / "metrics.csv")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    run_dir = tmp_path / "killed"
+    proc = start_cli([*ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_rows(run_dir / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # died without a word
+    done_before = len(read_rows(run_dir / "metrics.csv"))
+    assert done_before < 4
+
+    result = run_cli([f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_rows(run_dir / "metrics.csv") == uninterrupted  # bitwise: same strings, no duplicate rows
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed_from"]
+    assert "Resuming at epoch" in (run_dir / "cnnexp.log").read_text()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_with_checkpoint_and_resumes_exactly(tmp_path, uninterrupted, signum, code):
+    run_dir = tmp_path / "stopped"
+    proc = start_cli([*ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_rows(run_dir / "metrics.csv", 1, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code
+    assert f"trainer.resume={run_dir}" in stderr
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    rows = read_rows(run_dir / "metrics.csv")
+    assert len(rows) == checkpoint["epoch"] == len(checkpoint["metrics"])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+    result = run_cli([f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_rows(run_dir / "metrics.csv") == uninterrupted
+
+
+def test_resume_refuses_a_changed_setting(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli([*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    result = run_cli([f"trainer.resume={run_dir}", "optim.lr=0.5", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert result.returncode == 2 and "optim.lr=0.5" in result.stderr
+    extended = run_cli([f"trainer.resume={run_dir}", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'r2'}"],
+                       cwd=tmp_path)
+    assert extended.returncode == 0, extended.stderr
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == ["1", "2"]
+
+
+def test_resume_of_a_missing_checkpoint_names_it(tmp_path):
+    result = run_cli([f"trainer.resume={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert result.returncode == 2 and "trainer.resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from cnnexp import checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.atomic_torch_save({"epoch": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}

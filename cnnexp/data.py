@@ -1,8 +1,10 @@
-"""Datasets as tensors in memory: decoded once, normalised once.
+"""Datasets as tensors in memory: decoded once, put on the device once.
 
-Every dataset ends as uint8 images (N, C, H, W) and int64 labels; `load`
-normalises them to float32 on the target device. The training loop then
-takes batches as index slices of these tensors; no DataLoader, no PIL.
+Every dataset ends as uint8 images (N, C, H, W) and int64 labels, moved to
+the training device as they are. The training loop takes batches as index
+slices of these tensors (no DataLoader, no PIL) and normalises each batch
+inside the step: three tiny tensor operations, which keep CIFAR-10 at
+180 MB in memory where float32 copies would take 740 MB.
 """
 
 from __future__ import annotations
@@ -34,15 +36,30 @@ class ImageSplits:
         return tuple(self.train_images.shape[2:])
 
 
+class Normalizer:
+    """uint8 images -> float32 (x/255 - mean) / std, per channel."""
+
+    def __init__(self, mean, std, channels: int, device):
+        if len(mean) != channels or len(std) != channels:
+            # A grayscale dataset with the default 3-channel stats: use the first value.
+            mean, std = [mean[0]] * channels, [std[0]] * channels
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
+
+
 @dataclass
 class DeviceData:
-    """Normalised float tensors on the training device."""
+    """uint8 images and labels on the training device, with their normaliser."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
+    normalize: Normalizer
 
     @property
     def num_classes(self) -> int:
@@ -65,29 +82,14 @@ def read_splits(cfg: DictConfig) -> ImageSplits:
     raise ConfigError(f"data.name={name!r} is not a known dataset; use cifar10, synthetic or imagefolder.")
 
 
-def normalise(images: torch.Tensor, mean, std, device) -> torch.Tensor:
-    """uint8 (N,C,H,W) -> float32 ((x/255 - mean) / std), computed once on `device`."""
-    channels = images.shape[1]
-    if len(mean) != channels or len(std) != channels:
-        # A grayscale dataset with the default 3-channel stats: use the first value.
-        mean, std = [mean[0]] * channels, [std[0]] * channels
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    out = torch.empty(images.shape, dtype=torch.float32, device=device)
-    chunk = 8192  # bounds the temporary memory of the conversion
-    for i in range(0, images.shape[0], chunk):
-        block = images[i : i + chunk].to(device, non_blocking=True).float().div_(255)
-        out[i : i + chunk] = block.sub_(m).div_(s)
-    return out
-
-
 def to_device(splits: ImageSplits, cfg: DictConfig, device: torch.device) -> DeviceData:
     return DeviceData(
-        train_x=normalise(splits.train_images, cfg.mean, cfg.std, device),
+        train_x=splits.train_images.to(device),
         train_y=splits.train_labels.to(device),
-        test_x=normalise(splits.test_images, cfg.mean, cfg.std, device),
+        test_x=splits.test_images.to(device),
         test_y=splits.test_labels.to(device),
         classes=list(splits.classes),
+        normalize=Normalizer(cfg.mean, cfg.std, splits.in_channels, device),
     )
 
 

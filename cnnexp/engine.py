@@ -7,6 +7,8 @@ not arithmetic, so the engine removes operations rather than FLOPs:
   buffer, so zeroing the gradients and the whole SGD-with-momentum update are
   three or four tensor operations instead of a few per parameter. Its math is
   torch.optim.SGD's (dampening 0): buf = momentum*buf + g; p -= lr*buf.
+* Batches are gathered from uint8 images already on the device and
+  normalised inside the step (see cnnexp/data.py).
 * Loss and correct counts are accumulated on the device; the host reads them
   once per epoch (and on CPU every few hundred steps, to catch a NaN early).
 * On CUDA the whole step (forward, backward, update, statistics) is captured
@@ -139,8 +141,10 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, ca
 class Stepper:
     """Runs training steps and keeps the epoch's statistics on the device."""
 
-    def __init__(self, model: nn.Module, optimizer, max_steps: int, device: torch.device):
+    def __init__(self, model: nn.Module, optimizer, max_steps: int, device: torch.device,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.optimizer = model, optimizer
+        self.prepare = prepare  # raw batch -> model input (normalisation); None: use as is
         self.losses = torch.zeros(max_steps, device=device)  # one entry per step of the epoch
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -155,7 +159,7 @@ class Stepper:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad()
-        out = self.model(x)
+        out = self.model(self.prepare(x) if self.prepare is not None else x)
         loss = F.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step()
@@ -213,11 +217,12 @@ class Engine:
     """Trains epochs over index slices of tensors already on the device."""
 
     def __init__(self, model: nn.Module, optimizer, train_size: int, batch_size: int, device: torch.device,
-                 cuda_graph: bool = True, nan_check_every: int = 200):
+                 cuda_graph: bool = True, nan_check_every: int = 200,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.optimizer = model, optimizer
         self.batch_size, self.device = batch_size, device
         self.steps_per_epoch = -(-train_size // batch_size)  # the last partial batch is kept
-        self.stepper = Stepper(model, optimizer, self.steps_per_epoch, device)
+        self.stepper = Stepper(model, optimizer, self.steps_per_epoch, device, prepare)
         self.use_graph = cuda_graph and device.type == "cuda" and isinstance(optimizer, FlatSGD)
         self.graphed: GraphedStep | None = None
         # On a GPU a NaN check is a host sync: check once per epoch there.
@@ -280,13 +285,15 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, num_classes: int) -> EvalResult:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, num_classes: int,
+             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=x.device)
     for i in range(0, x.shape[0], batch_size):
-        out = model(x[i : i + batch_size])
+        batch = x[i : i + batch_size]
+        out = model(prepare(batch) if prepare is not None else batch)
         target = y[i : i + batch_size]
         loss_sum += F.cross_entropy(out, target, reduction="sum")
         confusion += torch.bincount(target * num_classes + out.argmax(1), minlength=num_classes**2)

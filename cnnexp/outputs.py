@@ -19,19 +19,19 @@ SAMPLES_FILE = "predictions_sample.npz"
 
 
 def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData, final_eval: EvalResult,
-                        sample_images: torch.Tensor, eval_batch_size: int) -> None:
+                        n_samples: int = 32) -> None:
     torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, run_dir / MODEL_FILE)
     write_per_class(run_dir / PER_CLASS_FILE, final_eval.confusion, data.classes)
     write_confusion(run_dir / CONFUSION_FILE, final_eval.confusion, data.classes)
     with torch.inference_mode():
         model.eval()
-        n = sample_images.shape[0]
-        logits = model(data.test_x[:n])
+        sample_images = data.test_x[:n_samples]
+        logits = model(data.normalize(sample_images))
         model.train()
     np.savez_compressed(
         run_dir / SAMPLES_FILE,
-        images=sample_images.numpy(),  # uint8 (N, C, H, W), as read from the dataset
-        labels=data.test_y[:n].cpu().numpy(),
+        images=sample_images.cpu().numpy(),  # uint8 (N, C, H, W), as read from the dataset
+        labels=data.test_y[:n_samples].cpu().numpy(),
         predictions=logits.argmax(1).cpu().numpy(),
         classes=np.array(data.classes),
     )

@@ -152,14 +152,14 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     splits = datasets.read_splits(cfg.data)
     model = build_model(cfg.model, splits).to(device)
     data = datasets.to_device(splits, cfg.data, device)
-    sample_images = splits.test_images[:32].clone()  # for the predictions grid
     del splits
 
     capturable = device.type == "cuda" and t_cfg.cuda_graph
     optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
     batch_size = int(cfg.data.batch_size)
     n_train = data.train_x.shape[0]
-    engine = Engine(model, optimizer, n_train, batch_size, device, cuda_graph=t_cfg.cuda_graph)
+    engine = Engine(model, optimizer, n_train, batch_size, device, cuda_graph=t_cfg.cuda_graph,
+                    prepare=data.normalize)
     data_order = torch.Generator().manual_seed(int(t_cfg.seed))
 
     rows: list[dict] = []
@@ -216,7 +216,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             raise Interrupted(signum, epoch, result.steps)
 
         with cpu_settings(eval_threads, onednn):
-            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes)
+            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
+                                  data.normalize)
         row = {
             "epoch": epoch,
             "train_loss": result.loss_sum / engine.steps_per_epoch,
@@ -241,8 +242,9 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
 
     if final_eval is None:  # resumed a run whose epochs were all done
         with cpu_settings(eval_threads, onednn):
-            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes)
-    write_final_outputs(run_dir, model, data, final_eval, sample_images, t_cfg.eval_batch_size)
+            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
+                                  data.normalize)
+    write_final_outputs(run_dir, model, data, final_eval)
     return RunResult(rows=rows, final_eval=final_eval)
 
 

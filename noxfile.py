@@ -20,6 +20,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Side-by-side timings: nox -s bench [-- --steps 3000 --repeats 5]."""
+    """Side-by-side timings of the engine: nox -s bench [-- --steps 3000 --repeats 5]."""
     session.install(".")
     session.run("python", "benchmarks/bench_engine.py", *session.posargs)
+
+
+@nox.session
+def bench_sweep(session: nox.Session) -> None:
+    """Sweep throughput, basic against joblib launcher: nox -s bench_sweep [-- --repeats 5]."""
+    session.install(".")
+    session.run("python", "benchmarks/bench_sweep.py", *session.posargs)

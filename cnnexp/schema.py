@@ -9,7 +9,7 @@ Range checks that a type cannot express live in cnnexp/validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -86,7 +86,7 @@ class SyntheticConfig(DataConfig):
 class ImageFolderConfig(DataConfig):
     name: str = "imagefolder"
     root: str = MISSING  # holds train/<class>/* and test/<class>/*
-    resize: Optional[int] = None  # square side to resize every image to
+    resize: int | None = None  # square side to resize every image to
     cache: bool = True  # keep decoded tensors beside the images for the next run
 
 
@@ -97,12 +97,12 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     eval_batch_size: int = 1000
-    num_threads: Optional[int] = None  # None: 1 for training at small batch, all cores for eval
+    num_threads: int | None = None  # None: 1 for training at small batch, all cores for eval
     fast_path: bool = True  # flat-buffer SGD; plain torch.optim when false
     cuda_graph: bool = True  # capture the train step in a CUDA graph on GPUs
     deterministic: bool = False
     lr_schedule: str = "constant"  # constant | cosine
-    resume: Optional[str] = None  # a run dir or a checkpoint file
+    resume: str | None = None  # a run dir or a checkpoint file
     progress: str = "auto"  # auto | bar | log | none
     log_every_steps: int = 2000
     checkpoint: bool = True

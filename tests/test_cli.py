@@ -121,3 +121,11 @@ def test_short_training_learns_well_above_chance(tmp_path):
     assert result.returncode == 0, result.stderr
     final = json.loads((run_dir / "run.json").read_text())["final_test_acc"]
     assert final > 0.5  # chance is 0.1
+
+
+def test_plot_against_the_original_experiment(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli([*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    result = run_cli([str(run_dir), "--against-original"], cwd=tmp_path, module="cnnexp.plot")
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "plots" / "test_acc_vs_original.png").read_bytes()[:4] == b"\x89PNG"

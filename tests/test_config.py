@@ -63,3 +63,16 @@ def test_console_script_prints_config(tmp_path):
     result = subprocess.run([script, "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "lr: 0.001" in result.stdout and "max_epochs: 50" in result.stdout
+
+
+def test_slurm_preset_composes_with_submitit(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from cnnexp.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.cpus_per_task >= 1

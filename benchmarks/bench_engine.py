@@ -93,7 +93,7 @@ def reference_eval(model, loader) -> float:
 def cnnexp_train(model, x, y, steps: int, device: torch.device, cuda_graph: bool = True) -> float:
     """x: uint8 images on the device, normalised inside the step as in a real run."""
     optimizer = FlatSGD(model, lr=0.001, momentum=0.9, capturable=device.type == "cuda" and cuda_graph)
-    engine = Engine(model, optimizer, steps * 4, 4, device, cuda_graph=cuda_graph,
+    engine = Engine(model, optimizer, steps * 4, 4, device, num_classes=10, cuda_graph=cuda_graph,
                     prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device))
     perm = torch.randperm(x.shape[0])[: steps * 4]
     engine.train_epoch(x, y, perm[: 4 * 8])  # warm-up (and graph capture on CUDA)

@@ -37,17 +37,29 @@ class ImageSplits:
 
 
 class Normalizer:
-    """uint8 images -> float32 (x/255 - mean) / std, per channel."""
+    """uint8 images -> float32 (x/255 - mean) / std, per channel.
+
+    A uint8 pixel has only 256 values, so the result is looked up in a table
+    computed with that very formula: bitwise the same numbers as normalising
+    with float arithmetic, in two or three operations per batch instead of four."""
 
     def __init__(self, mean, std, channels: int, device):
         if len(mean) != channels or len(std) != channels:
             # A grayscale dataset with the default 3-channel stats: use the first value.
             mean, std = [mean[0]] * channels, [std[0]] * channels
-        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        levels = torch.arange(256, dtype=torch.float32, device=device).div_(255)
+        m = torch.tensor(list(mean), dtype=torch.float32, device=device).view(-1, 1)
+        s = torch.tensor(list(std), dtype=torch.float32, device=device).view(-1, 1)
+        self.table = (levels - m).div_(s).reshape(-1)  # (channels * 256,)
+        self.shared = len(set(mean)) == 1 and len(set(std)) == 1
+        # Channel c's entries start at c * 256.
+        self.offsets = (torch.arange(channels, device=device) * 256).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().div_(255).sub_(self.mean).div_(self.std)
+        index = images.long()
+        if not self.shared:
+            index += self.offsets
+        return self.table.take(index)
 
 
 @dataclass

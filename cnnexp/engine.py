@@ -139,37 +139,42 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, ca
 
 # ----------------------------------------------------------------- one step
 class Stepper:
-    """Runs training steps and keeps the epoch's statistics on the device."""
+    """Runs training steps and records each sample's logits on the device.
 
-    def __init__(self, model: nn.Module, optimizer, max_steps: int, device: torch.device,
-                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.model, self.optimizer = model, optimizer
+    Recording the logits is one copy per step; the epoch's loss and accuracy
+    are computed from them once at the end (or at a progress report), not
+    with four or five small operations every step."""
+
+    def __init__(self, model: nn.Module, optimizer, rows: int, num_classes: int, batch_size: int,
+                 device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
         self.prepare = prepare  # raw batch -> model input (normalisation); None: use as is
-        self.losses = torch.zeros(max_steps, device=device)  # one entry per step of the epoch
-        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.logits = torch.zeros(rows, num_classes, device=device)  # one row per sample of the epoch
+        self.next_rows = torch.arange(batch_size, device=device)  # where a captured step writes next
 
-    def reset(self, step: int = 0, correct: int = 0, prior_losses: torch.Tensor | None = None) -> None:
-        """Start an epoch at `step`; a resumed epoch brings the losses of its earlier steps."""
-        self.losses.zero_()
-        if prior_losses is not None:
-            self.losses[:step].copy_(prior_losses)
-        self.step_index.fill_(step)
-        self.correct.fill_(correct)
+    def begin(self, start_row: int = 0, prior_logits: torch.Tensor | None = None) -> None:
+        """Start an epoch at `start_row`; a resumed epoch brings its earlier logits."""
+        self.logits.zero_()
+        if prior_logits is not None:
+            self.logits[:start_row].copy_(prior_logits)
+        self.next_rows.copy_(torch.arange(self.batch_size, device=self.next_rows.device) + start_row)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, row: int | None = None) -> None:
+        """One optimiser step. `row` is where its logits go; None (a captured
+        step) writes at next_rows and advances it on the device."""
         self.optimizer.zero_grad()
         out = self.model(self.prepare(x) if self.prepare is not None else x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
+        F.cross_entropy(out, y).backward()
         self.optimizer.step()
         with torch.no_grad():
-            self.losses.index_copy_(0, self.step_index, loss.detach().view(1))
-            self.step_index += 1
-            self.correct += (out.argmax(1) == y).sum()
+            if row is None:
+                self.logits.index_copy_(0, self.next_rows, out.detach())
+                self.next_rows += self.batch_size
+            else:
+                self.logits[row : row + out.shape[0]].copy_(out.detach())
 
     def state_tensors(self) -> list[torch.Tensor]:
-        tensors = [self.losses, self.step_index, self.correct]
+        tensors = [self.logits, self.next_rows]
         tensors += [b for b in self.model.buffers()]
         tensors += self.optimizer.state_tensors()
         return tensors
@@ -197,9 +202,9 @@ class GraphedStep:
             for tensor, value in zip(stepper.state_tensors(), saved):
                 tensor.copy_(value)
 
-    def step(self, x_all: torch.Tensor, y_all: torch.Tensor, index: torch.Tensor) -> None:
-        torch.index_select(x_all, 0, index, out=self.static_x)
-        torch.index_select(y_all, 0, index, out=self.static_y)
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
         self.graph.replay()
 
 
@@ -207,74 +212,88 @@ class GraphedStep:
 @dataclass
 class EpochResult:
     steps: int  # steps completed in this epoch (all of them unless stopped); the sums cover them all
-    loss_sum: float
+    loss_sum: float  # sum over steps of each batch's mean loss
     correct: int
     samples: int
-    first_bad_step: int | None = None  # 0-based step whose loss was not finite
+    first_bad_step: int | None = None  # 0-based step whose output was not finite
 
 
 class Engine:
-    """Trains epochs over index slices of tensors already on the device."""
+    """Trains epochs over slices of tensors already on the device."""
 
     def __init__(self, model: nn.Module, optimizer, train_size: int, batch_size: int, device: torch.device,
-                 cuda_graph: bool = True, nan_check_every: int = 200,
+                 num_classes: int, cuda_graph: bool = True, nan_check_every: int = 200,
                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.optimizer = model, optimizer
         self.batch_size, self.device = batch_size, device
         self.steps_per_epoch = -(-train_size // batch_size)  # the last partial batch is kept
-        self.stepper = Stepper(model, optimizer, self.steps_per_epoch, device, prepare)
+        self.stepper = Stepper(model, optimizer, train_size, num_classes, batch_size, device, prepare)
         self.use_graph = cuda_graph and device.type == "cuda" and isinstance(optimizer, FlatSGD)
         self.graphed: GraphedStep | None = None
         # On a GPU a NaN check is a host sync: check once per epoch there.
         self.nan_check_every = nan_check_every if device.type == "cpu" else 0
+        self.labels: torch.Tensor | None = None  # this epoch's labels, in step order
 
     def train_epoch(self, x_all: torch.Tensor, y_all: torch.Tensor, perm: torch.Tensor, start_step: int = 0,
-                    start_correct: int = 0, prior_losses: torch.Tensor | None = None,
+                    prior_logits: torch.Tensor | None = None,
                     should_stop: Callable[[], bool] = lambda: False,
                     on_progress: Callable[[int, Callable[[], float]], None] | None = None,
                     progress_every: int = 100) -> EpochResult:
-        """Steps from `start_step` to the end of the permutation, or until
-        should_stop() turns true (checked between steps)."""
+        """Steps from `start_step` through the permutation, or until should_stop()
+        turns true (checked between steps)."""
         self.model.train()
-        self.stepper.reset(start_step, start_correct, prior_losses)
         n, bs = perm.numel(), self.batch_size
         perm = perm.to(self.device)
-        full_steps = n // bs
-        if self.use_graph and self.graphed is None and full_steps > 0:
-            first = perm[:bs]
-            self.graphed = GraphedStep(self.stepper, x_all.index_select(0, first), y_all.index_select(0, first))
+        # One gather per epoch; every batch is then a view, not a copy.
+        x_epoch, self.labels = x_all.index_select(0, perm), y_all.index_select(0, perm)
+        self.stepper.begin(start_step * bs, prior_logits)
+        total_steps = -(-n // bs)
+        if self.use_graph and self.graphed is None and n >= bs:
+            self.graphed = GraphedStep(self.stepper, x_epoch[:bs], self.labels[:bs])
         step = start_step
-        while step < self.steps_per_epoch:
-            index = perm[step * bs : (step + 1) * bs]
-            if self.graphed is not None and index.numel() == bs:
-                self.graphed.step(x_all, y_all, index)
+        while step < total_steps:
+            lo, hi = step * bs, min(step * bs + bs, n)
+            if self.graphed is not None and hi - lo == bs:
+                self.graphed.step(x_epoch[lo:hi], self.labels[lo:hi])
             else:
-                self.stepper.step(x_all.index_select(0, index), y_all.index_select(0, index))
+                self.stepper.step(x_epoch[lo:hi], self.labels[lo:hi], row=lo)
             step += 1
             if self.nan_check_every and step % self.nan_check_every == 0:
-                bad = self._first_bad_step(step)
+                bad = self._first_bad_step(step - self.nan_check_every, step)
                 if bad is not None:
                     return self._result(step, n, bad)
             if on_progress is not None and step % progress_every == 0:
-                on_progress(step, lambda s=step: self._mean_loss(start_step, s))
+                on_progress(step, lambda s=step: float(self._batch_losses(max(start_step, s - progress_every), s).mean()))
             if should_stop():
                 break
-        return self._result(step, n, self._first_bad_step(step))
+        return self._result(step, n, self._first_bad_step(start_step, step))
 
-    def _first_bad_step(self, upto: int) -> int | None:
-        finite = torch.isfinite(self.stepper.losses[:upto])
+    def _rows(self, step: int) -> int:
+        return min(step * self.batch_size, self.labels.numel())
+
+    def _first_bad_step(self, first: int, upto: int) -> int | None:
+        lo = self._rows(first)
+        finite = torch.isfinite(self.stepper.logits[lo : self._rows(upto)]).all(1)
         if bool(finite.all()):
             return None
-        return int((~finite).nonzero()[0, 0])
+        return (lo + int((~finite).nonzero()[0, 0])) // self.batch_size
 
-    def _mean_loss(self, start: int, end: int) -> float:
-        return float(self.stepper.losses[start:end].mean()) if end > start else float("nan")
+    def _batch_losses(self, first: int, upto: int) -> torch.Tensor:
+        """Each step's mean loss (float64), from the recorded logits."""
+        lo, hi = self._rows(first), self._rows(upto)
+        if hi <= lo:
+            return torch.full((1,), float("nan"), dtype=torch.float64)
+        per_sample = F.cross_entropy(self.stepper.logits[lo:hi], self.labels[lo:hi], reduction="none").double()
+        step_of = torch.arange(lo, hi, device=per_sample.device) // self.batch_size - first
+        sums = torch.zeros(upto - first, dtype=torch.float64, device=per_sample.device).index_add_(0, step_of,
+                                                                                                  per_sample)
+        return sums / torch.bincount(step_of, minlength=upto - first)
 
     def _result(self, step: int, n: int, bad: int | None) -> EpochResult:
-        losses = self.stepper.losses[:step].double()
-        samples = min(step * self.batch_size, n)
-        return EpochResult(steps=step, loss_sum=float(losses.sum()), correct=int(self.stepper.correct),
-                           samples=samples, first_bad_step=bad)
+        rows = self._rows(step)
+        correct = (self.stepper.logits[:rows].argmax(1) == self.labels[:rows]).sum()
+        return EpochResult(steps=step, loss_sum=float(self._batch_losses(0, step).sum()), correct=int(correct),
+                           samples=rows, first_bad_step=bad)
 
 
 @dataclass

@@ -158,8 +158,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
     batch_size = int(cfg.data.batch_size)
     n_train = data.train_x.shape[0]
-    engine = Engine(model, optimizer, n_train, batch_size, device, cuda_graph=t_cfg.cuda_graph,
-                    prepare=data.normalize)
+    engine = Engine(model, optimizer, n_train, batch_size, device, num_classes=data.num_classes,
+                    cuda_graph=t_cfg.cuda_graph, prepare=data.normalize)
     data_order = torch.Generator().manual_seed(int(t_cfg.seed))
 
     rows: list[dict] = []
@@ -196,8 +196,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         with cpu_settings(train_threads, onednn):
             result = engine.train_epoch(
                 data.train_x, data.train_y, perm, start_step=first_step,
-                start_correct=partial["correct"] if partial and epoch == start_epoch else 0,
-                prior_losses=partial["losses"] if partial and epoch == start_epoch else None,
+                prior_logits=partial["logits"] if partial and epoch == start_epoch else None,
                 should_stop=lambda: stop_requested() is not None,
                 on_progress=progress.update, progress_every=progress.every)
         train_seconds = time.perf_counter() - t0 + (partial["seconds"] if partial and epoch == start_epoch else 0)
@@ -255,7 +254,7 @@ def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_do
     partial = None
     if step:
         rng["data_order"] = order_state  # redraw the interrupted epoch's permutation on resume
-        partial = {"losses": engine.stepper.losses[:step].detach().cpu().clone(), "correct": result.correct,
+        partial = {"logits": engine.stepper.logits[: result.samples].detach().cpu().clone(),
                    "seconds": train_seconds}
     state = {
         "format": 1,

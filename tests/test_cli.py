@@ -28,6 +28,10 @@ def test_two_epoch_synthetic_run_writes_everything(tmp_path):
     with open(run_dir / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert len(per_class) == 10 and sum(int(r["total"]) for r in per_class) == 1000
+    with open(run_dir / "confusion.csv") as f:
+        confusion = [[int(c) for c in row[1:]] for row in list(csv.reader(f))[1:]]
+    assert len(confusion) == 10 and sum(map(sum, confusion)) == 1000  # every test image counted once
+    assert sum(confusion[i][i] for i in range(10)) == sum(int(r["correct"]) for r in per_class)
     for name in RUN_PLOTS:
         assert (run_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((run_dir / "run.json").read_text())

@@ -37,7 +37,7 @@ def test_fast_path_matches_torch_sgd(device, sgd, model_class):
 
     optimizer = FlatSGD(model, lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd.get("weight_decay", 0.0),
                         nesterov=sgd.get("nesterov", False), capturable=device == "cuda")
-    engine = Engine(model, optimizer, n, batch_size, torch.device(device))
+    engine = Engine(model, optimizer, n, batch_size, torch.device(device), num_classes=10)
     result = engine.train_epoch(data, labels, perm)
     assert result.steps == 51 and result.samples == n
     for (name, fast), slow in zip(model.state_dict().items(), reference.state_dict().values()):
@@ -73,7 +73,8 @@ def test_nan_loss_is_caught_with_its_step():
     model = TutorialCNN()
     data, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
     data[17] = float("nan")  # sample 17 lands in step 5 (0-based 4) in order
-    engine = Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), 40, 4, torch.device("cpu"), nan_check_every=3)
+    engine = Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), 40, 4, torch.device("cpu"), num_classes=10,
+                    nan_check_every=3)
     result = engine.train_epoch(data, labels, torch.arange(40))
     assert result.first_bad_step == 4
     assert result.steps < 10  # stopped at the next check, not at the end of the epoch
@@ -88,3 +89,14 @@ def test_evaluate_counts_every_test_image():
         logits = model(data)
     assert result.accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert result.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_normalizer_matches_the_float_formula_bitwise():
+    from cnnexp.data import Normalizer
+
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    for mean, std in (([0.5] * 3, [0.5] * 3), ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])):
+        expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        assert torch.equal(Normalizer(mean, std, 3, "cpu")(images), expected)
+    gray = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    assert torch.equal(Normalizer([0.5] * 3, [0.5] * 3, 1, "cpu")(gray), (gray.float() / 255 - 0.5) / 0.5)

@@ -15,7 +15,7 @@ from cnnexp.engine import EvalResult
 MODEL_FILE = "model.pt"
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion.csv"
-SAMPLES_FILE = "predictions_sample.npz"
+SAMPLES_FILE = "predictions_sample.npz"  # test images with true and predicted classes
 
 
 def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData, final_eval: EvalResult,
@@ -25,13 +25,16 @@ def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData,
     write_confusion(run_dir / CONFUSION_FILE, final_eval.confusion, data.classes)
     with torch.inference_mode():
         model.eval()
-        sample_images = data.test_x[:n_samples]
+        # Evenly spaced through the test set, so a class-sorted set shows every class.
+        count = min(n_samples, data.test_x.shape[0])
+        index = torch.arange(count, device=data.test_x.device) * (data.test_x.shape[0] // count)
+        sample_images = data.test_x[index]
         logits = model(data.normalize(sample_images))
         model.train()
     np.savez_compressed(
         run_dir / SAMPLES_FILE,
         images=sample_images.cpu().numpy(),  # uint8 (N, C, H, W), as read from the dataset
-        labels=data.test_y[:n_samples].cpu().numpy(),
+        labels=data.test_y[index].cpu().numpy(),
         predictions=logits.argmax(1).cpu().numpy(),
         classes=np.array(data.classes),
     )

@@ -38,8 +38,13 @@ from cnnexp.models import TutorialCNN
 
 
 def cifar_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 HWC images as the CIFAR-10 batches hold them, generated in chunks
+    so that generating them does not set the peak memory."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    for i in range(0, n, 2000):
+        images[i : i + 2000] = rng.integers(0, 256, (min(2000, n - i), 32, 32, 3), dtype=np.uint8)
+    return images, rng.integers(0, 10, n).astype(np.int64)
 
 
 class TutorialDataset(torch.utils.data.Dataset):

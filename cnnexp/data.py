@@ -3,7 +3,7 @@
 Every dataset ends as uint8 images (N, C, H, W) and int64 labels, moved to
 the training device as they are. The training loop takes batches as index
 slices of these tensors (no DataLoader, no PIL) and normalises each batch
-inside the step: three tiny tensor operations, which keep CIFAR-10 at
+inside the step: three small tensor operations, which keep CIFAR-10 at
 180 MB in memory where float32 copies would take 740 MB.
 """
 
@@ -37,29 +37,19 @@ class ImageSplits:
 
 
 class Normalizer:
-    """uint8 images -> float32 (x/255 - mean) / std, per channel.
-
-    A uint8 pixel has only 256 values, so the result is looked up in a table
-    computed with that very formula: bitwise the same numbers as normalising
-    with float arithmetic, in two or three operations per batch instead of four."""
+    """uint8 images -> float32 (x/255 - mean) / std, per channel, computed as
+    (x - 255*mean) / (255*std): three operations per batch, and for the
+    default mean = std = 0.5 the subtraction is exact, so one rounding in all."""
 
     def __init__(self, mean, std, channels: int, device):
         if len(mean) != channels or len(std) != channels:
             # A grayscale dataset with the default 3-channel stats: use the first value.
             mean, std = [mean[0]] * channels, [std[0]] * channels
-        levels = torch.arange(256, dtype=torch.float32, device=device).div_(255)
-        m = torch.tensor(list(mean), dtype=torch.float32, device=device).view(-1, 1)
-        s = torch.tensor(list(std), dtype=torch.float32, device=device).view(-1, 1)
-        self.table = (levels - m).div_(s).reshape(-1)  # (channels * 256,)
-        self.shared = len(set(mean)) == 1 and len(set(std)) == 1
-        # Channel c's entries start at c * 256.
-        self.offsets = (torch.arange(channels, device=device) * 256).view(1, -1, 1, 1)
+        self.shift = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        index = images.long()
-        if not self.shared:
-            index += self.offsets
-        return self.table.take(index)
+        return images.float().sub_(self.shift).div_(self.scale)
 
 
 @dataclass

@@ -91,12 +91,15 @@ def test_evaluate_counts_every_test_image():
     assert result.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
-def test_normalizer_matches_the_float_formula_bitwise():
+def test_normalizer_computes_the_usual_formula():
     from cnnexp.data import Normalizer
 
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    images[0, :, 0, 0], images[0, :, 0, 1] = 0, 255
     for mean, std in (([0.5] * 3, [0.5] * 3), ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])):
         expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-        assert torch.equal(Normalizer(mean, std, 3, "cpu")(images), expected)
+        torch.testing.assert_close(Normalizer(mean, std, 3, "cpu")(images), expected, rtol=0, atol=1e-6)
+    normalised = Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu")(images)
+    assert normalised.min() == -1.0 and normalised.max() == 1.0  # [0, 255] -> [-1, 1] exactly
     gray = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
-    assert torch.equal(Normalizer([0.5] * 3, [0.5] * 3, 1, "cpu")(gray), (gray.float() / 255 - 0.5) / 0.5)
+    torch.testing.assert_close(Normalizer([0.5] * 3, [0.5] * 3, 1, "cpu")(gray), (gray.float() / 255 - 0.5) / 0.5)

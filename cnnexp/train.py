@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import data as datasets
 from cnnexp.checkpoint import CHECKPOINT_NAME, atomic_torch_save, restore_rng_states, rng_states
-from cnnexp.engine import Engine, EvalResult, build_optimizer, cpu_settings, evaluate
+from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_settings, evaluate
 from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
 from cnnexp.outputs import write_final_outputs
@@ -180,9 +180,13 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     onednn = None if device.type != "cpu" or not t_cfg.fast_path else False
     progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
                         show_loss=device.type == "cpu")
+    step_kind = "flat SGD" if isinstance(optimizer, FlatSGD) else type(optimizer.optimizer).__name__
+    if engine.use_graph:
+        step_kind += " in a CUDA graph"
     log.info("Training %s on %s (%d train / %d test images, %d classes) for %d epochs on %s "
-             "(threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train,
-             data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, train_threads, eval_threads)
+             "(%s; threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train,
+             data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, step_kind, train_threads,
+             eval_threads)
 
     final_eval = None
     for epoch in range(start_epoch, t_cfg.max_epochs + 1):
@@ -190,16 +194,18 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         optimizer.set_lr(lr)
         order_state = data_order.get_state()  # so a mid-epoch stop can redraw this permutation
         perm = torch.randperm(n_train, generator=data_order)
+        # A resumed epoch carries the steps it had done before the stop.
+        carried = partial if epoch == start_epoch else None
         first_step = start_step if epoch == start_epoch else 0
         progress.start(epoch, t_cfg.max_epochs, first_step)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - (carried["seconds"] if carried else 0.0)
         with cpu_settings(train_threads, onednn):
             result = engine.train_epoch(
                 data.train_x, data.train_y, perm, start_step=first_step,
-                prior_logits=partial["logits"] if partial and epoch == start_epoch else None,
+                prior_logits=carried["logits"] if carried else None,
                 should_stop=lambda: stop_requested() is not None,
                 on_progress=progress.update, progress_every=progress.every)
-        train_seconds = time.perf_counter() - t0 + (partial["seconds"] if partial and epoch == start_epoch else 0)
+        train_seconds = time.perf_counter() - t0
         progress.close()
 
         if result.first_bad_step is not None:
@@ -224,7 +230,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             "test_loss": final_eval.loss,
             "test_acc": final_eval.accuracy,
             "lr": lr,
-            "epoch_seconds": round(time.perf_counter() - t0 + (partial["seconds"] if partial and epoch == start_epoch else 0), 3),
+            "epoch_seconds": round(time.perf_counter() - t0, 3),
             "train_samples_per_s": round(result.samples / max(train_seconds, 1e-9), 1),
         }
         rows.append(row)

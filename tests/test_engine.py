@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from cnnexp.engine import Engine, FlatSGD, TorchOptimizer, build_optimizer, evaluate
 from cnnexp.models import TutorialCNN, WideCNN
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def reference_steps(model, data, labels, perm, batch_size, **sgd):
@@ -103,3 +104,29 @@ def test_normalizer_computes_the_usual_formula():
     assert normalised.min() == -1.0 and normalised.max() == 1.0  # [0, 255] -> [-1, 1] exactly
     gray = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
     torch.testing.assert_close(Normalizer([0.5] * 3, [0.5] * 3, 1, "cpu")(gray), (gray.float() / 255 - 0.5) / 0.5)
+
+
+@CUDA
+def test_cuda_graph_replays_the_eager_step():
+    torch.manual_seed(0)
+    n = 202
+    data = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 10, (n,), device="cuda")
+    perm = torch.randperm(n)
+    results = {}
+    for graph in (False, True):
+        torch.manual_seed(1)
+        model = TutorialCNN().cuda()
+        optimizer = FlatSGD(model, lr=0.01, momentum=0.9, capturable=True)
+        engine = Engine(model, optimizer, n, 4, torch.device("cuda"), num_classes=10, cuda_graph=graph,
+                        prepare=lambda x: x.float().div(127.5).sub(1))
+        for epoch in range(2):
+            optimizer.set_lr(0.01 / (epoch + 1))  # a schedule must reach the captured step
+            result = engine.train_epoch(data, labels, perm)
+        assert (engine.graphed is not None) == graph
+        results[graph] = (result, [p.detach().clone() for p in model.parameters()])
+    (eager, eager_params), (graphed, graphed_params) = results[False], results[True]
+    assert graphed.correct == eager.correct
+    assert graphed.loss_sum == pytest.approx(eager.loss_sum, rel=1e-5)
+    for a, b in zip(eager_params, graphed_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -113,8 +113,11 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         log.warning("Stopped; checkpoint in %s. Resume with:\n  python -m cnnexp trainer.resume=%s",
                     run_dir / CHECKPOINT_NAME, run_dir)
         code = 128 + stop.signum
-        if multirun:
-            raise SystemExit(code) from None  # stop the whole sweep; re-run it to continue
+        if multirun:  # stop the whole sweep; re-running it continues this job
+            from cnnexp.sweep import write_summary  # Hydra's end-of-job callbacks do not run now
+
+            write_summary(run_dir.parent)
+            raise SystemExit(code) from None
         return code
     except KeyboardInterrupt:
         finish("interrupted", error="aborted by a second Ctrl-C (no checkpoint for this epoch)")

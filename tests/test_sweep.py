@@ -133,3 +133,26 @@ def test_runs_started_together_get_different_directories(tmp_path):
         t.join()
     assert len(set(results)) == 8
     assert all(os.path.isdir(r) for r in results)
+
+
+def test_interrupted_sweep_is_summarised_then_resumed(tmp_path):
+    import signal
+
+    from conftest import start_cli
+    from test_resume import wait_for_rows
+
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *SMALL, "data.n_train=1200", "trainer.max_epochs=4", "optim.lr=0.001,0.01",
+            f"hydra.sweep.dir={sweep_dir}"]
+    proc = start_cli(args, cwd=tmp_path)
+    wait_for_rows(sweep_dir / "0" / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert list(pd.read_csv(sweep_dir / "summary.csv")["status"]) == ["interrupted"]
+    assert not (sweep_dir / "1").exists()  # the sweep stopped with the job
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert list(pd.read_csv(sweep_dir / "summary.csv")["status"]) == ["completed", "completed"]
+    assert [int(e) for e in pd.read_csv(sweep_dir / "0" / "metrics.csv")["epoch"]] == [1, 2, 3, 4]

@@ -110,14 +110,16 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
     except Interrupted as stop:
         finish("interrupted", error=str(stop))
         render_run(run_dir)
-        log.warning("Stopped; checkpoint in %s. Resume with:\n  python -m cnnexp trainer.resume=%s",
-                    run_dir / CHECKPOINT_NAME, run_dir)
         code = 128 + stop.signum
         if multirun:  # stop the whole sweep; re-running it continues this job
             from cnnexp.sweep import write_summary  # Hydra's end-of-job callbacks do not run now
 
             write_summary(run_dir.parent)
+            log.warning("Stopped; checkpoint in %s. Resume the sweep by running the same command with\n"
+                        "  hydra.sweep.dir=%s", run_dir / CHECKPOINT_NAME, run_dir.parent)
             raise SystemExit(code) from None
+        log.warning("Stopped; checkpoint in %s. Resume with:\n  python -m cnnexp trainer.resume=%s",
+                    run_dir / CHECKPOINT_NAME, run_dir)
         return code
     except KeyboardInterrupt:
         finish("interrupted", error="aborted by a second Ctrl-C (no checkpoint for this epoch)")

@@ -3,13 +3,12 @@
 import csv
 import json
 import signal
-import time
 
 import pytest
 import torch
 
 from cnnexp.metrics import TIMING_COLUMNS
-from conftest import SMALL, run_cli, start_cli
+from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 ARGS = [*SMALL, "data.n_train=1200", "trainer.max_epochs=4", "trainer.num_threads=1"]
 
@@ -17,16 +16,6 @@ ARGS = [*SMALL, "data.n_train=1200", "trainer.max_epochs=4", "trainer.num_thread
 def read_rows(path):
     with open(path) as f:
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
-
-
-def wait_for_rows(path, n, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and path.read_text().count("\n") >= n + 1:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never reached {n} rows")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,14 @@
 
 import json
 import os
+import signal
 import threading
 
 import pandas as pd
 import pytest
 
 from cnnexp.cli import unique_dir
-from conftest import SMALL, run_cli
+from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 SWEEP = ["-m", *SMALL, "data.n_train=200", "data.n_test=100", "trainer.max_epochs=2"]
 JOB_FILES = ["metrics.csv", "per_class.csv", "model.pt", "run.json", "plots/test_acc.png"]
@@ -136,19 +137,15 @@ def test_runs_started_together_get_different_directories(tmp_path):
 
 
 def test_interrupted_sweep_is_summarised_then_resumed(tmp_path):
-    import signal
-
-    from conftest import start_cli
-    from test_resume import wait_for_rows
-
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *SMALL, "data.n_train=1200", "trainer.max_epochs=4", "optim.lr=0.001,0.01",
             f"hydra.sweep.dir={sweep_dir}"]
     proc = start_cli(args, cwd=tmp_path)
     wait_for_rows(sweep_dir / "0" / "metrics.csv", 1, proc)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143
+    assert f"hydra.sweep.dir={sweep_dir}" in stderr
     assert list(pd.read_csv(sweep_dir / "summary.csv")["status"]) == ["interrupted"]
     assert not (sweep_dir / "1").exists()  # the sweep stopped with the job
 

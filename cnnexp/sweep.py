@@ -57,32 +57,35 @@ def job_overrides(job_dir: Path) -> dict[str, str]:
     return pairs
 
 
+def _read_metrics(path: Path) -> pd.DataFrame | None:
+    """A job's metrics.csv, or None when it is missing or has no rows yet."""
+    try:
+        metrics = pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+    return metrics if len(metrics) else None
+
+
 def _job_row(job_dir: Path) -> tuple[dict, pd.DataFrame | None]:
     record = read_record(job_dir) or {}
-    metrics = None
-    if (job_dir / "metrics.csv").is_file():
-        try:
-            metrics = pd.read_csv(job_dir / "metrics.csv")
-        except (pd.errors.EmptyDataError, pd.errors.ParserError):
-            metrics = None
-    has_rows = metrics is not None and len(metrics) > 0
-    status = record.get("status") or ("unknown" if has_rows else "failed")
-    error = (record.get("error") or "").splitlines()[0] if record.get("error") else ""
-    if status == "failed" and not error and not record:
-        error = f"no run.json; see {job_dir / 'cnnexp.log'}"
+    metrics = _read_metrics(job_dir / "metrics.csv")
+    done = metrics is not None
+    if record:
+        status, error = record.get("status", "unknown"), (record.get("error") or "").split("\n")[0]
+    else:  # the job died before cnnexp wrote its record
+        status, error = ("unknown" if done else "failed"), f"no run.json; see {job_dir / 'cnnexp.log'}"
     row = {
-        "job": int(job_dir.name),
         "status": status,
         "error": error,
-        "epochs": len(metrics) if has_rows else 0,
-        "best_test_acc": float(metrics["test_acc"].max()) if has_rows else math.nan,
-        "best_epoch": int(metrics.loc[metrics["test_acc"].idxmax(), "epoch"]) if has_rows else math.nan,
-        "final_test_acc": float(metrics["test_acc"].iloc[-1]) if has_rows else math.nan,
-        "final_train_loss": float(metrics["train_loss"].iloc[-1]) if has_rows else math.nan,
+        "epochs": len(metrics) if done else 0,
+        "best_test_acc": float(metrics["test_acc"].max()) if done else math.nan,
+        "best_epoch": int(metrics.loc[metrics["test_acc"].idxmax(), "epoch"]) if done else math.nan,
+        "final_test_acc": float(metrics["test_acc"].iloc[-1]) if done else math.nan,
+        "final_train_loss": float(metrics["train_loss"].iloc[-1]) if done else math.nan,
         "wall_seconds": record.get("wall_seconds", math.nan),
         "run_dir": str(job_dir),
     }
-    return row, metrics if has_rows else None
+    return row, metrics
 
 
 def swept_keys(overrides: list[dict[str, str]]) -> list[str]:
@@ -104,7 +107,7 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
     for job_dir, ov in zip(dirs, overrides):
         row, metrics = _job_row(job_dir)
         label = " ".join(f"{k}={ov.get(k, '')}" for k in keys) or f"job {job_dir.name}"
-        rows.append({"job": row["job"], **{k: ov.get(k, "") for k in keys}, **{k: v for k, v in row.items() if k != "job"}})
+        rows.append({"job": int(job_dir.name), **{k: ov.get(k, "") for k in keys}, **row})
         labels.append(label)
         if metrics is not None:
             curves[label] = metrics

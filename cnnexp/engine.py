@@ -9,8 +9,9 @@ not arithmetic, so the engine removes operations rather than FLOPs:
   torch.optim.SGD's (dampening 0): buf = momentum*buf + g; p -= lr*buf.
 * Batches are gathered from uint8 images already on the device and
   normalised inside the step (see cnnexp/data.py).
-* Loss and correct counts are accumulated on the device; the host reads them
-  once per epoch (and on CPU every few hundred steps, to catch a NaN early).
+* Each step's logits are recorded on the device with one copy; the host
+  computes loss and accuracy from them once per epoch (and on CPU checks them
+  every few hundred steps, to catch a NaN early).
 * On CUDA the whole step (forward, backward, update, statistics) is captured
   once in a CUDA graph and replayed: one launch per step instead of ~60.
 

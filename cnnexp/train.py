@@ -188,6 +188,11 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
              data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, step_kind, train_threads,
              eval_threads)
 
+    def evaluate_test_split() -> EvalResult:
+        with cpu_settings(eval_threads, onednn):
+            return evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
+                            data.normalize)
+
     final_eval = None
     for epoch in range(start_epoch, t_cfg.max_epochs + 1):
         lr = learning_rate(cfg.optim.lr, t_cfg.lr_schedule, epoch, t_cfg.max_epochs)
@@ -220,9 +225,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
                              order_state, engine, result, train_seconds)
             raise Interrupted(signum, epoch, result.steps)
 
-        with cpu_settings(eval_threads, onednn):
-            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
-                                  data.normalize)
+        final_eval = evaluate_test_split()
         row = {
             "epoch": epoch,
             "train_loss": result.loss_sum / engine.steps_per_epoch,
@@ -246,9 +249,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             raise Interrupted(signum, epoch, engine.steps_per_epoch)
 
     if final_eval is None:  # resumed a run whose epochs were all done
-        with cpu_settings(eval_threads, onednn):
-            final_eval = evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
-                                  data.normalize)
+        final_eval = evaluate_test_split()
     write_final_outputs(run_dir, model, data, final_eval)
     return RunResult(rows=rows, final_eval=final_eval)
 
@@ -285,8 +286,9 @@ def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list
         key = override.lstrip("+~").partition("=")[0]
         if key.startswith("hydra") or key == "trainer.resume":
             continue
-        if key.removeprefix("trainer.") in changeable and key.startswith("trainer."):
-            resumed.trainer[key.removeprefix("trainer.")] = current.trainer[key.removeprefix("trainer.")]
+        name = key.removeprefix("trainer.")
+        if key.startswith("trainer.") and name in changeable:
+            resumed.trainer[name] = current.trainer[name]
         elif "/" in key or OmegaConf.select(resumed, key, default=None) != OmegaConf.select(current, key, default=None):
             raise ConfigError(
                 f"{override!r} differs from the run being resumed; trainer.resume continues a run with its own "

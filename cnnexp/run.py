@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
 from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.observers import Observers, RunObserver, StopRun
 from cnnexp.plots import render_run
 from cnnexp.runrecord import RunRecord, read_record, versions
 from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
@@ -92,20 +93,26 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                        resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
     record.write()
     flag, started = StopFlag(), time.perf_counter()
+    observers = Observers([EpochCounter(record)])
 
     def finish(status: str, **fields) -> None:
         record.finish(status, wall_seconds=round(time.perf_counter() - started, 1), **fields)
+        observers.on_finish(status, run_dir)
 
     try:
         with graceful_stop(flag):
-            result = train(cfg, run_dir, device, flag, checkpoint=checkpoint,
-                           on_epoch=lambda row: record.update(epochs_completed=row["epoch"]))
+            result = train(cfg, run_dir, device, flag, checkpoint=checkpoint, observers=observers)
         render_run(run_dir)
         best = max(result.rows, key=lambda r: r["test_acc"])
         finish("completed", epochs_completed=len(result.rows), final_test_acc=result.final_eval.accuracy,
                best_test_acc=best["test_acc"], best_epoch=best["epoch"])
         log.info("Done: test accuracy %.2f %% (best %.2f %% at epoch %d). Outputs in %s",
                  100 * result.final_eval.accuracy, 100 * best["test_acc"], best["epoch"], run_dir)
+        return 0
+    except StopRun as stop:  # an observer ended the run as a normal outcome (a pruned trial)
+        log.info("Stopped early (%s): %s", stop.status, stop)
+        render_run(run_dir)
+        finish(stop.status, error=str(stop))
         return 0
     except Interrupted as stop:
         finish("interrupted", error=str(stop))
@@ -133,6 +140,16 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         log.error("Unexpected error:\n%s", traceback.format_exc())
         finish("failed", error=f"{type(err).__name__}: {err}")
         return 0 if multirun else 1
+
+
+class EpochCounter(RunObserver):
+    """Keeps run.json's epochs_completed current, for people and sweep summaries."""
+
+    def __init__(self, record: RunRecord):
+        self.record = record
+
+    def on_epoch(self, row: dict) -> None:
+        self.record.update(epochs_completed=row["epoch"])
 
 
 def _log_into(run_dir: Path) -> None:

@@ -27,6 +27,7 @@ from cnnexp.checkpoint import CHECKPOINT_NAME, atomic_torch_save, restore_rng_st
 from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_settings, evaluate
 from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
+from cnnexp.observers import Observers
 from cnnexp.outputs import write_final_outputs
 
 log = logging.getLogger("cnnexp")
@@ -139,11 +140,12 @@ class Progress:
 
 
 def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: Callable[[], int | None],
-          checkpoint: dict | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+          checkpoint: dict | None = None, observers: Observers | None = None) -> RunResult:
     """Train according to cfg, writing metrics.csv, checkpoints and final outputs into run_dir.
 
     `checkpoint` (from trainer.resume) continues a run; `stop_requested`
-    returns a signal number once the user asked to stop."""
+    returns a signal number once the user asked to stop; `observers` hear of
+    the start, every trainer.log_every_steps steps and every epoch."""
     t_cfg = cfg.trainer
     seed_everything(t_cfg.seed)
     if t_cfg.deterministic:
@@ -188,6 +190,15 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
              data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, step_kind, train_threads,
              eval_threads)
 
+    observers = observers or Observers()
+    observers.on_start(cfg, run_dir, list(rows))
+    observe_steps = observers.wants_steps()
+
+    def on_progress(step: int, running_loss: Callable[[], float]) -> None:
+        progress.update(step, running_loss)
+        if observe_steps and step % t_cfg.log_every_steps == 0:
+            observers.on_step(progress.epoch, step, running_loss())
+
     def evaluate_test_split() -> EvalResult:
         with cpu_settings(eval_threads, onednn):
             return evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
@@ -209,7 +220,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
                 data.train_x, data.train_y, perm, start_step=first_step,
                 prior_logits=carried["logits"] if carried else None,
                 should_stop=lambda: stop_requested() is not None,
-                on_progress=progress.update, progress_every=progress.every)
+                on_progress=on_progress, progress_every=progress.every)
         train_seconds = time.perf_counter() - t0
         progress.close()
 
@@ -243,8 +254,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_loss %.4f  test_acc %.4f  (%.1f s)",
                  epoch, t_cfg.max_epochs, row["train_loss"], row["train_acc"], row["test_loss"],
                  row["test_acc"], row["epoch_seconds"])
-        if on_epoch is not None:
-            on_epoch(row)
+        observers.on_epoch(row)
         if signum is not None:
             raise Interrupted(signum, epoch, engine.steps_per_epoch)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import data as datasets
 from cnnexp.checkpoint import CHECKPOINT_NAME, atomic_torch_save, restore_rng_states, rng_states
+from cnnexp.cores import cpu_budget
 from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_settings, evaluate
 from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
@@ -58,24 +58,6 @@ def learning_rate(base_lr: float, schedule: str, epoch: int, max_epochs: int) ->
     if schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
     return base_lr
-
-
-def cpu_budget() -> int:
-    """Cores this job may use: all of them, or its share under a parallel launcher."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // parallel_jobs())
-
-
-def parallel_jobs() -> int:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        launcher = HydraConfig.get().launcher
-        n_jobs = int(launcher.get("n_jobs", 1) or 1)
-    except Exception:  # not under Hydra (tests, library use) or a launcher without n_jobs
-        return 1
-    cores = os.cpu_count() or 1
-    return cores if n_jobs < 0 else max(1, n_jobs)
 
 
 def thread_plan(trainer_cfg: DictConfig, batch_size: int) -> tuple[int, int]:

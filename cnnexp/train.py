@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import data as datasets
@@ -29,6 +28,7 @@ from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
 from cnnexp.observers import Observers
 from cnnexp.outputs import write_final_outputs
+from cnnexp.targets import instantiate_checked
 
 log = logging.getLogger("cnnexp")
 
@@ -70,16 +70,19 @@ def thread_plan(trainer_cfg: DictConfig, batch_size: int) -> tuple[int, int]:
 
 
 def build_model(model_cfg: DictConfig, splits: datasets.ImageSplits) -> torch.nn.Module:
-    model = instantiate(model_cfg, in_channels=splits.in_channels, num_classes=len(splits.classes))
+    model = instantiate_checked(model_cfg, "model", in_channels=splits.in_channels, num_classes=len(splits.classes))
     probe = splits.train_images[:1].float()
     try:
         with torch.no_grad():
             out = model(probe)
-    except RuntimeError as err:
+    except Exception as err:
         h, w = splits.image_size
+        # The tutorial net's shapes are fixed for 32x32 inputs; other sizes are the usual cause.
+        advice = ("Resize the images (data.resize=32 for an image folder, data.image_size=32 for synthetic data) "
+                  "or choose another model."
+                  if (h, w) != (32, 32) else "Check the model.* keys, or choose another model.")
         raise DataError(
-            f"The model {model_cfg._target_} cannot take {h}x{w} images ({str(err).splitlines()[0]}). "
-            "Resize the images (data.resize=32 for the tutorial net) or choose another model."
+            f"The model {model_cfg._target_} fails on one {h}x{w} image ({str(err).splitlines()[0]}). {advice}"
         ) from None
     if out.shape != (1, len(splits.classes)):
         raise DataError(f"The model {model_cfg._target_} returned shape {tuple(out.shape)} for one image; "
@@ -139,7 +142,11 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     del splits
 
     capturable = device.type == "cuda" and t_cfg.cuda_graph
-    optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
+    try:
+        optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
+    except (TypeError, ValueError) as err:  # torch.optim checks its own values (eps < 0, ...)
+        raise ConfigError(f"optim._target_={cfg.optim._target_!r} refused the optim.* keys: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
     batch_size = int(cfg.data.batch_size)
     n_train = data.train_x.shape[0]
     engine = Engine(model, optimizer, n_train, batch_size, device, num_classes=data.num_classes,

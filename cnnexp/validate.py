@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnnexp.errors import ConfigError
+from cnnexp.targets import check_all_targets
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -37,6 +38,9 @@ def validate_config(cfg: DictConfig) -> None:
                  list(optim.betas), "two values in [0, 1)")
     _require(data.batch_size >= 1, "data.batch_size", data.batch_size, "the batch size must be >= 1")
     _require(all(s > 0 for s in data.std), "data.std", list(data.std), "every std must be > 0")
+    if not (len(data.mean) == len(data.std) and len(data.mean) in (1, 3)):
+        raise ConfigError(f"data.mean={list(data.mean)} and data.std={list(data.std)} do not fit: give one value, "
+                          "or one per colour channel (3), in both.")
     _require(trainer.max_epochs >= 1, "trainer.max_epochs", trainer.max_epochs, "train at least 1 epoch")
     _require(trainer.eval_batch_size >= 1, "trainer.eval_batch_size", trainer.eval_batch_size, "must be >= 1")
     _require(trainer.num_threads is None or trainer.num_threads >= 1, "trainer.num_threads", trainer.num_threads,
@@ -46,17 +50,30 @@ def validate_config(cfg: DictConfig) -> None:
     _require(trainer.progress in ("auto", "bar", "log", "none"), "trainer.progress", trainer.progress,
              "use auto, bar, log or none")
     _require(trainer.log_every_steps >= 1, "trainer.log_every_steps", trainer.log_every_steps, "must be >= 1")
+    _require(0 <= trainer.seed < 2**32, "trainer.seed", trainer.seed, "a seed in [0, 2**32)")
     check_device(trainer.device)
+    validate_model(cfg.model)
+    check_all_targets(cfg)
     if data.name == "synthetic":
         _require(data.n_train >= 1, "data.n_train", data.n_train, "at least 1 training image")
         _require(data.n_test >= 1, "data.n_test", data.n_test, "at least 1 test image")
         _require(data.num_classes >= 2, "data.num_classes", data.num_classes, "at least 2 classes")
         _require(data.image_size >= 8, "data.image_size", data.image_size, "at least 8 pixels")
+        _require(0 <= data.seed < 2**32, "data.seed", data.seed, "a seed in [0, 2**32)")
+        _require(data.noise >= 0, "data.noise", data.noise, "a noise level >= 0")
     if data.name == "imagefolder":
         from cnnexp.imagefolder import check_layout
 
         check_layout(str(data.root))
         _require(data.resize is None or data.resize >= 1, "data.resize", data.resize, "null or a size >= 1")
+
+
+def validate_model(model: DictConfig) -> None:
+    """Ranges of the keys cnnexp's models take; any model with such a key gets the same check."""
+    if "width" in model:
+        _require(model.width >= 1, "model.width", model.width, "the first block needs at least 1 channel")
+    if "dropout" in model:
+        _require(0 <= model.dropout < 1, "model.dropout", model.dropout, "a probability in [0, 1)")
 
 
 def check_device(device: str) -> None:

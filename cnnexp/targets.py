@@ -1,0 +1,156 @@
+"""`_target_` entries checked before any work: importable, callable, and
+accepting the keys the config gives them.
+
+Hydra only finds out that `model._target_=nosuch.Model` is wrong when it
+instantiates the model, after the data has been read, and then says so in
+three chained tracebacks. These checks run with the other config checks and
+raise one ConfigError naming the key, the value and what is wrong.
+
+Any config group with `_target_` entries can use them: `check_target` for one
+node, `check_all_targets` for every node in a config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cnnexp.errors import ConfigError
+
+# Keys Hydra's instantiate reads itself; they are not passed to the target.
+HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+
+# What cnnexp passes besides the config's own keys, per top-level group.
+SUPPLIED = {
+    "model": ("in_channels", "num_classes"),  # from the dataset
+    "optim": ("params",),  # the model's parameters, bound by the trainer
+}
+
+
+def locate(key: str, path) -> object:
+    """The object a dotted path names, or a ConfigError saying why it cannot be had."""
+    where = f"{key}={path!r}"
+    if not isinstance(path, str) or not path or not all(p.isidentifier() for p in path.split(".")):
+        raise ConfigError(f"{where} is not a dotted Python name such as mypackage.MyClass.")
+    parts = path.split(".")
+    obj = _import(where, parts[0])
+    if obj is None:
+        raise ConfigError(f"{where} cannot be imported: there is no module named {parts[0]!r} "
+                          "(is it installed, or its folder on PYTHONPATH?).")
+    for i in range(1, len(parts)):
+        if hasattr(obj, parts[i]):
+            obj = getattr(obj, parts[i])
+            continue
+        owner = ".".join(parts[:i])
+        obj = _import(where, f"{owner}.{parts[i]}") if inspect.ismodule(obj) else None
+        if obj is None:
+            raise ConfigError(f"{where} cannot be found: {owner} has no attribute {parts[i]!r}.")
+    return obj
+
+
+def _import(where: str, name: str):
+    """The module `name`, None if there is none, or a ConfigError if importing it fails."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name == name:
+            return None
+        raise ConfigError(f"{where} cannot be imported: module {name} needs {err.name!r}, "
+                          "which is not installed.") from None
+    except Exception as err:  # the module exists but fails while importing
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(f"{where} cannot be imported: importing {name} raised "
+                          f"{type(err).__name__}: {first}") from None
+
+
+def check_target(node: DictConfig, key: str, supplied: Iterable[str] = (), complete: bool = False) -> object:
+    """Check the `_target_` of `node` (found at `key`, e.g. "model") and return it.
+
+    `supplied` names the arguments the caller passes besides the node's keys.
+    With complete=True, a required parameter that nobody passes is an error too
+    (use it where the caller passes everything it will ever pass)."""
+    target_key = f"{key}._target_" if key else "_target_"
+    target = locate(target_key, node.get("_target_"))
+    if not callable(target):
+        raise ConfigError(f"{target_key}={node._target_!r} is a {type(target).__name__}, not a class or function.")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # some built-ins have no signature: nothing more to check
+        return target
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        names = None  # takes any keyword
+    else:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    given = [k for k in node.keys() if k not in HYDRA_KEYS]
+    supplied = list(supplied)
+    if names is not None:
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            keys = ", ".join(f"{key}.{k}" for k in unknown)
+            raise ConfigError(f"{target_key}={node._target_!r} takes no argument {', '.join(unknown)} "
+                              f"(set by {keys}); it takes: {', '.join(sorted(names)) or 'nothing'}.")
+        not_taken = [k for k in supplied if k not in names and k != "params"]
+        if not_taken:
+            raise ConfigError(f"{target_key}={node._target_!r} does not take {', '.join(not_taken)}, which cnnexp "
+                              f"passes to every {key}.")
+    if complete:
+        missing = [p.name for p in params
+                   if p.default is inspect.Parameter.empty
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and p.name not in given and p.name not in supplied]
+        if "params" in supplied and missing and missing[0] == _first_positional(signature):
+            missing = missing[1:]  # the parameters go in first, by position
+        if missing:
+            adds = " ".join(f"+{key}.{m}=..." for m in missing)
+            raise ConfigError(f"{target_key}={node._target_!r} needs {', '.join(missing)}, which the config "
+                              f"does not set; add {adds}.")
+    return target
+
+
+def _first_positional(signature: inspect.Signature) -> str | None:
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return p.name
+    return None
+
+
+def check_all_targets(cfg: DictConfig) -> None:
+    """Check every `_target_` in cfg: the model and optimiser fully (cnnexp knows
+    what it passes them), any other group's for import and its keys."""
+    for key, node in _target_nodes(cfg, ""):
+        group = key.split(".")[0]
+        check_target(node, key, supplied=SUPPLIED.get(group, ()), complete=group in SUPPLIED and key == group)
+
+
+def _target_nodes(node, key: str):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield key, node
+        for k in node.keys():
+            child = node._get_node(k)
+            if isinstance(child, (DictConfig, ListConfig)) and not OmegaConf.is_missing(node, k):
+                yield from _target_nodes(node[k], f"{key}.{k}" if key else str(k))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            child = node._get_node(i)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _target_nodes(node[i], f"{key}[{i}]")
+
+
+def instantiate_checked(node: DictConfig, key: str, **kwargs):
+    """hydra.utils.instantiate, with an error the target raises while being
+    built (a bad value it checks itself) turned into one line naming the key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        raise ConfigError(f"{key}._target_={node._target_!r} could not be built from the {key}.* keys: "
+                          f"{type(cause).__name__}: {first}") from None

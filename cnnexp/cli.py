@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.help import config_groups_text
 from cnnexp.schema import register_configs
 
 
@@ -43,6 +44,7 @@ def unique_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("cnnexp_unique_dir", unique_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("cnnexp_config_groups", config_groups_text, replace=True)
 register_configs()
 
 

@@ -111,3 +111,23 @@ def test_a_bad_target_is_one_line_exit_2_before_any_data_is_read(tmp_path):
         "error: model._target_='nosuch.Model' cannot be imported: there is no module named 'nosuch' "
         "(is it installed, or its folder on PYTHONPATH?)."]
     assert not (run_dir / "metrics.csv").exists()
+
+
+# ------------------------------------------------------------ first impressions
+def test_help_describes_cnnexp_and_lists_real_options_also_from_a_users_own_folder(tmp_path):
+    (tmp_path / "my_conf" / "logger").mkdir(parents=True)
+    (tmp_path / "my_conf" / "logger" / "jsonl.yaml").write_text("path: log.jsonl\n")
+    result = run_cli(["model=wide_cnn", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("cnnexp: train image classifiers")
+    assert "_schema" not in text
+    groups = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()
+              if line.startswith("  ") and line.split()[0] in {"data", "model", "optim", "trainer", "logger",
+                                                                 "hydra/launcher"}}
+    assert groups["model"] == "tutorial_cnn, wide_cnn*"  # the chosen option is marked
+    assert groups["optim"] == "adam, sgd*" and groups["data"] == "cifar10*, imagefolder, synthetic"
+    assert groups["logger"].startswith("jsonl") and "+logger=NAME" in groups["logger"]
+    assert "joblib" in groups["hydra/launcher"]
+    for example in ("cnnexp -m ", "trainer.resume=", "python -m cnnexp.plot", "outputs/<date>/<time>/"):
+        assert example in text

@@ -133,8 +133,10 @@ class TorchOptimizer:
 
 def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, capturable: bool = False):
     if fast_path and optim_cfg._target_ in SGD_TARGETS and FlatSGD.supports(model):
-        return FlatSGD(model, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
-                       nesterov=optim_cfg.nesterov, capturable=capturable)
+        # Keys SGD leaves at its defaults may be absent (e.g. optim=adam optim._target_=torch.optim.SGD).
+        return FlatSGD(model, lr=optim_cfg.lr, momentum=optim_cfg.get("momentum", 0.0),
+                       weight_decay=optim_cfg.get("weight_decay", 0.0), nesterov=optim_cfg.get("nesterov", False),
+                       capturable=capturable)
     return TorchOptimizer(instantiate(optim_cfg)(model.parameters()))
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
 from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.observers import Observers, RunObserver, StopRun
+from cnnexp.optim_args import check_optimizer
 from cnnexp.plots import render_run
 from cnnexp.runrecord import RunRecord, read_record, versions
 from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
@@ -67,6 +68,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
     """Run one job; returns the process exit code (0 in a sweep unless stopped)."""
     try:
         validate_config(cfg)
+        check_optimizer(cfg.optim)
         checkpoint, run_dir = plan_start(cfg, run_dir, multirun, overrides)
         if checkpoint == "done":
             log.info("%s already completed; skipping (delete it to run again).", run_dir)

@@ -121,8 +121,12 @@ def _first_positional(signature: inspect.Signature) -> str | None:
 def check_all_targets(cfg: DictConfig) -> None:
     """Check every `_target_` in cfg: the model and optimiser fully (cnnexp knows
     what it passes them), any other group's for import and its keys."""
+    from cnnexp.optim_args import optimizer_config
+
     for key, node in _target_nodes(cfg, ""):
         group = key.split(".")[0]
+        if key == "optim":  # the optim group's own keys another optimiser lacks are left out, not refused
+            node = optimizer_config(node, quiet=True)
         check_target(node, key, supplied=SUPPLIED.get(group, ()), complete=group in SUPPLIED and key == group)
 
 

@@ -27,6 +27,7 @@ from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_sett
 from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
 from cnnexp.observers import Observers
+from cnnexp.optim_args import optimizer_config
 from cnnexp.outputs import write_final_outputs
 from cnnexp.targets import instantiate_checked
 
@@ -143,7 +144,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
 
     capturable = device.type == "cuda" and t_cfg.cuda_graph
     try:
-        optimizer = build_optimizer(cfg.optim, model, fast_path=t_cfg.fast_path, capturable=capturable)
+        optimizer = build_optimizer(optimizer_config(cfg.optim), model, fast_path=t_cfg.fast_path,
+                                    capturable=capturable)
     except (TypeError, ValueError) as err:  # torch.optim checks its own values (eps < 0, ...)
         raise ConfigError(f"optim._target_={cfg.optim._target_!r} refused the optim.* keys: "
                           f"{type(err).__name__}: {str(err).splitlines()[0]}") from None

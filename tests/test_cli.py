@@ -133,3 +133,17 @@ def test_plot_against_the_original_experiment(tmp_path):
     result = run_cli([str(run_dir), "--against-original"], cwd=tmp_path, module="cnnexp.plot")
     assert result.returncode == 0, result.stderr
     assert (run_dir / "plots" / "test_acc_vs_original.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_optimiser_without_momentum_settings_trains_and_a_bad_combination_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli([*SMALL, "optim._target_=torch.optim.RMSprop", "trainer.max_epochs=1",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "RMSprop" in (run_dir / "cnnexp.log").read_text()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    bad = run_cli([*SMALL, "optim._target_=torch.optim.Adagrad", "optim.nesterov=true",
+                   f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "nesterov" in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == [".hydra", "cnnexp.log"]

@@ -1,6 +1,7 @@
 """The composed config: the original experiment's numbers, and the schema's checks."""
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -76,3 +77,41 @@ def test_slurm_preset_composes_with_submitit(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.cpus_per_task >= 1
+
+
+# ------------------------------------------------ optimisers named by _target_
+def test_another_optimiser_gets_only_the_arguments_it_takes(compose_cfg):
+    from cnnexp.engine import FlatSGD, TorchOptimizer, build_optimizer
+    from cnnexp.models import TutorialCNN
+    from cnnexp.optim_args import check_optimizer, optimizer_config
+    from cnnexp.validate import validate_config
+
+    cfg = compose_cfg(["data=synthetic", "optim._target_=torch.optim.RMSprop"])  # the sgd group: momentum 0.9, nesterov false
+    validate_config(cfg)  # the sgd group's nesterov, at its group value, is no error for RMSprop
+    check_optimizer(cfg.optim)
+    optimizer = build_optimizer(optimizer_config(cfg.optim), TutorialCNN(), fast_path=True)
+    assert isinstance(optimizer, TorchOptimizer) and isinstance(optimizer.optimizer, torch.optim.RMSprop)
+    group = optimizer.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["lr"] == 0.001 and "nesterov" not in group
+    # SGD from the adam group: betas left out, momentum at SGD's default (none).
+    cfg = compose_cfg(["optim=adam", "optim._target_=torch.optim.SGD"])
+    sgd = build_optimizer(optimizer_config(cfg.optim), TutorialCNN(), fast_path=True)
+    assert isinstance(sgd, FlatSGD) and sgd.momentum == 0.0 and sgd.momentum_buffer is None
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["optim._target_=torch.optim.Adagrad", "optim.nesterov=true"], "nesterov"),
+    (["optim._target_=torch.optim.Adagrad", "optim.momentum=0.5"], "momentum"),
+    (["optim._target_=torch.optim.Adagrad", "+optim.amsgrad=true"], "amsgrad"),
+    (["optim.nesterov=true", "optim.momentum=0"], "Nesterov"),  # SGD's own rule
+])
+def test_a_bad_optimiser_combination_is_a_config_error(compose_cfg, overrides, named):
+    from cnnexp.errors import ConfigError
+    from cnnexp.optim_args import check_optimizer
+    from cnnexp.validate import validate_config
+
+    cfg = compose_cfg(["data=synthetic", *overrides])
+    with pytest.raises(ConfigError, match=named) as info:
+        validate_config(cfg)
+        check_optimizer(cfg.optim)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)

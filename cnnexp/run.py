@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 import traceback
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,18 +87,21 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return err.exit_code
 
     device = resolve_device(cfg.trainer.device)
+    start_record = RunRecord
     if checkpoint is not None:
         _log_into(run_dir)
-    record = RunRecord(run_dir, overrides=overrides, command=" ".join(["cnnexp", *sys.argv[1:]]), device=str(device),
-                       device_name=_device_name(device), seed=cfg.trainer.seed, versions=versions(),
-                       threads=dict(zip(("train", "eval"), thread_plan(cfg.trainer, cfg.data.batch_size))),
-                       resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
+        start_record = partial(RunRecord.continued, from_epoch=checkpoint["epoch"] + 1)
+    record = start_record(run_dir, overrides=overrides, command=" ".join(["cnnexp", *sys.argv[1:]]),
+                          device=str(device), device_name=_device_name(device), seed=cfg.trainer.seed,
+                          versions=versions(),
+                          threads=dict(zip(("train", "eval"), thread_plan(cfg.trainer, cfg.data.batch_size))),
+                          resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
     record.write()
-    flag, started = StopFlag(), time.perf_counter()
+    flag = StopFlag()
     observers = Observers([EpochCounter(record)])
 
     def finish(status: str, **fields) -> None:
-        record.finish(status, wall_seconds=round(time.perf_counter() - started, 1), **fields)
+        record.finish(status, **fields)  # wall_seconds: the total over every segment of the run
         observers.on_finish(status, run_dir)
 
     try:
@@ -151,7 +154,7 @@ class EpochCounter(RunObserver):
         self.record = record
 
     def on_epoch(self, row: dict) -> None:
-        self.record.update(epochs_completed=row["epoch"])
+        self.record.epoch_done(row["epoch"])
 
 
 def _log_into(run_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,16 +40,46 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 class RunRecord:
+    """run.json of one run. A resumed run keeps its first start, its original
+    overrides and command, and gains an entry in `resumes` per continuation;
+    `wall_seconds` adds up the time of every segment."""
+
     def __init__(self, run_dir: Path, **fields):
         self.path = Path(run_dir) / RUN_RECORD
-        self.data = {"status": "running", "started_at": now_iso(), "ended_at": None, **fields}
+        self.data = {"status": "running", "started_at": now_iso(), "ended_at": None, "pid": os.getpid(), **fields}
+        self.segment_start = time.perf_counter()
+        self.earlier_seconds = 0.0  # wall time of the segments before this one
+
+    @classmethod
+    def continued(cls, run_dir: Path, overrides: list[str], command: str | None = None, from_epoch: int | None = None,
+                  **fields) -> RunRecord:
+        """The record of a run that goes on from its checkpoint (trainer.resume or a re-run sweep)."""
+        previous = read_record(run_dir) or {}
+        record = cls(run_dir, overrides=overrides, command=command, **fields)
+        if not previous:
+            return record
+        resume = {"at": record.data["started_at"], "overrides": overrides, "command": command,
+                  "from_epoch": from_epoch}
+        for key in ("started_at", "overrides", "command"):
+            if previous.get(key) is not None:
+                record.data[key] = previous[key]
+        record.data["resumes"] = [*previous.get("resumes", []), resume]
+        record.earlier_seconds = float(previous.get("wall_seconds") or 0.0)
+        return record
+
+    def wall_seconds(self) -> float:
+        return round(self.earlier_seconds + time.perf_counter() - self.segment_start, 1)
 
     def update(self, **fields) -> None:
         self.data.update(fields)
         self.write()
 
+    def epoch_done(self, epoch: int) -> None:
+        # wall time so far, so a segment that is killed still counts up to its last epoch
+        self.update(epochs_completed=epoch, wall_seconds=self.wall_seconds())
+
     def finish(self, status: str, **fields) -> None:
-        self.update(status=status, ended_at=now_iso(), **fields)
+        self.update(status=status, ended_at=now_iso(), wall_seconds=self.wall_seconds(), **fields)
 
     def write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")

@@ -63,15 +63,26 @@ def test_signal_stops_with_checkpoint_and_resumes_exactly(tmp_path, uninterrupte
     assert read_rows(run_dir / "metrics.csv") == uninterrupted
 
 
-def test_resume_refuses_a_changed_setting(tmp_path):
+def test_resume_refuses_a_changed_setting_and_keeps_the_run_history(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli([*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    first_overrides = [*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
+    assert run_cli(first_overrides, cwd=tmp_path).returncode == 0
+    first = json.loads((run_dir / "run.json").read_text())
     result = run_cli([f"trainer.resume={run_dir}", "optim.lr=0.5", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert result.returncode == 2 and "optim.lr=0.5" in result.stderr
     extended = run_cli([f"trainer.resume={run_dir}", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'r2'}"],
                        cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr
     assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == ["1", "2"]
+    # run.json still tells the run's whole story: first start, what it was run with, each resume.
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["started_at"] == first["started_at"] and record["command"] == first["command"]
+    assert record["overrides"] == first["overrides"] == [o for o in first_overrides if not o.startswith("hydra.")]
+    (resume,) = record["resumes"]
+    assert resume["overrides"] == [f"trainer.resume={run_dir}", "trainer.max_epochs=2"]
+    assert resume["from_epoch"] == 2 and resume["at"] >= first["ended_at"]
+    assert record["status"] == "completed" and record["epochs_completed"] == 2
+    assert record["wall_seconds"] > first["wall_seconds"]  # both segments counted
 
 
 def test_resume_of_a_missing_checkpoint_names_it(tmp_path):

@@ -153,3 +153,16 @@ def test_interrupted_sweep_is_summarised_then_resumed(tmp_path):
     assert again.returncode == 0, again.stderr
     assert list(pd.read_csv(sweep_dir / "summary.csv")["status"]) == ["completed", "completed"]
     assert [int(e) for e in pd.read_csv(sweep_dir / "0" / "metrics.csv")["epoch"]] == [1, 2, 3, 4]
+
+
+def test_rerun_after_resuming_one_job_by_hand_is_not_refused(tmp_path):
+    result, sweep_dir = sweep(tmp_path, "optim.lr=0.001,0.01")
+    assert result.returncode == 0, result.stderr
+    longer = run_cli([f"trainer.resume={sweep_dir / '0'}", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'r'}"],
+                     cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    again, _ = sweep(tmp_path, "optim.lr=0.001,0.01")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already completed; skipping") == 2
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary["status"]) == ["completed", "completed"] and list(summary["epochs"]) == [3, 2]

@@ -49,14 +49,18 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def hydra_entry(cfg: DictConfig) -> None:
+def hydra_entry(cfg: DictConfig) -> float:
+    """One job. Returns the value of trainer.objective, so any Hydra sweeper can
+    optimise it (NaN for a failed run: Optuna records such a trial as failed)."""
     from cnnexp.run import run_job
 
     hc = HydraConfig.get()
+    outcome: dict = {}
     code = run_job(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN,
-                   overrides=list(hc.overrides.task))
+                   overrides=list(hc.overrides.task), outcome=outcome)
     if code:
         sys.exit(code)
+    return outcome["objective"]
 
 
 def main() -> None:

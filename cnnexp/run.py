@@ -8,6 +8,7 @@ recorded and the sweep goes on; the sweep exits 1 at the end, naming it.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import traceback
@@ -20,6 +21,8 @@ from omegaconf import DictConfig
 
 from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
 from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.objective import from_config as objective_of
+from cnnexp.objective import record_fields
 from cnnexp.observers import Observers, RunObserver, StopRun
 from cnnexp.optim_args import check_optimizer
 from cnnexp.plots import render_run
@@ -64,13 +67,20 @@ def error(message: str) -> None:
     log.error("error: %s", message)
 
 
-def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> int:
-    """Run one job; returns the process exit code (0 in a sweep unless stopped)."""
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str],
+            outcome: dict | None = None) -> int:
+    """Run one job; returns the process exit code (0 in a sweep unless stopped).
+
+    `outcome["objective"]` receives the value of trainer.objective for a sweeper:
+    NaN when the run failed or was interrupted (see cnnexp/objective.py)."""
+    outcome = {} if outcome is None else outcome
+    outcome["objective"] = math.nan
     try:
         validate_config(cfg)
         check_optimizer(cfg.optim)
         checkpoint, run_dir = plan_start(cfg, run_dir, multirun, overrides)
         if checkpoint == "done":
+            outcome["objective"] = _number((read_record(run_dir) or {}).get("objective_value"))
             log.info("%s already completed; skipping (delete it to run again).", run_dir)
             return 0
         if checkpoint is not None:
@@ -98,21 +108,33 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                           resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
     record.write()
     flag = StopFlag()
-    observers = Observers([EpochCounter(record)])
+    selection = SelectionRecord(record, objective_of(cfg))
+    if multirun and not selection.name.startswith(("best_val", "final_val")):
+        log.warning("The sweep's objective %s is not measured on a validation split, so the search tunes on "
+                    "what it reports; hold out images with data.val_size for an honest search.", selection.name)
+    observers = Observers([EpochCounter(record), selection])
 
     def finish(status: str, **fields) -> None:
         record.finish(status, **fields)  # wall_seconds: the total over every segment of the run
+        if status not in ("failed", "interrupted"):  # a sweeper must not learn from a broken run
+            outcome["objective"] = _number(record.data.get("objective_value"))
         observers.on_finish(status, run_dir)
 
     try:
         with graceful_stop(flag):
             result = train(cfg, run_dir, device, flag, checkpoint=checkpoint, observers=observers)
         render_run(run_dir)
-        best = max(result.rows, key=lambda r: r["test_acc"])
+        fields = record_fields(selection.name, result.rows)
+        if "selected_by" in fields:
+            log.info("Selected epoch %d by validation accuracy %.2f %%: test accuracy %.2f %% (model_best.pt)",
+                     fields["best_epoch"], 100 * fields["best_val_acc"], 100 * fields["test_acc_at_best"])
+        else:
+            best = max(result.rows, key=lambda r: r["test_acc"])
+            fields.update(best_test_acc=best["test_acc"], best_epoch=best["epoch"])
         finish("completed", epochs_completed=len(result.rows), final_test_acc=result.final_eval.accuracy,
-               best_test_acc=best["test_acc"], best_epoch=best["epoch"])
-        log.info("Done: test accuracy %.2f %% (best %.2f %% at epoch %d). Outputs in %s",
-                 100 * result.final_eval.accuracy, 100 * best["test_acc"], best["epoch"], run_dir)
+               **fields)
+        log.info("Done: test accuracy %.2f %% after the last epoch; %s = %.4g. Outputs in %s",
+                 100 * result.final_eval.accuracy, fields["objective"], fields["objective_value"], run_dir)
         return 0
     except StopRun as stop:  # an observer ended the run as a normal outcome (a pruned trial)
         log.info("Stopped early (%s): %s", stop.status, stop)
@@ -155,6 +177,27 @@ class EpochCounter(RunObserver):
 
     def on_epoch(self, row: dict) -> None:
         self.record.epoch_done(row["epoch"])
+
+
+class SelectionRecord(RunObserver):
+    """Keeps run.json's objective and selected epoch current after every epoch,
+    so a run stopped early (pruned, interrupted) still says what it reached."""
+
+    def __init__(self, record: RunRecord, name: str):
+        self.record, self.name, self.rows = record, name, []
+
+    def on_start(self, cfg, run_dir, rows) -> None:
+        self.rows = list(rows)
+        if self.rows:
+            self.record.update(**record_fields(self.name, self.rows))
+
+    def on_epoch(self, row: dict) -> None:
+        self.rows.append(row)
+        self.record.update(**record_fields(self.name, self.rows))
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _log_into(run_dir: Path) -> None:

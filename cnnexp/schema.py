@@ -60,6 +60,10 @@ class DataConfig:
     batch_size: int = 4
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # Training images held out for validation: a count (5000) or a fraction in (0, 1)
+    # (0.1); 0 holds none. Stratified per class, drawn from split_seed alone.
+    val_size: float = 0
+    split_seed: int = 0
 
 
 @dataclass
@@ -106,6 +110,7 @@ class TrainerConfig:
     progress: str = "auto"  # auto | bar | log | none
     log_every_steps: int = 2000
     checkpoint: bool = True
+    objective: str = "auto"  # what the run returns to a sweeper; see cnnexp/objective.py
 
 
 @dataclass

@@ -66,6 +66,7 @@ def validate_config(cfg: DictConfig) -> None:
 
         check_layout(str(data.root))
         _require(data.resize is None or data.resize >= 1, "data.resize", data.resize, "null or a size >= 1")
+    check_split_and_objective(cfg)
 
 
 def validate_model(model: DictConfig) -> None:
@@ -74,6 +75,15 @@ def validate_model(model: DictConfig) -> None:
         _require(model.width >= 1, "model.width", model.width, "the first block needs at least 1 channel")
     if "dropout" in model:
         _require(0 <= model.dropout < 1, "model.dropout", model.dropout, "a probability in [0, 1)")
+
+
+def check_split_and_objective(cfg: DictConfig) -> None:
+    from cnnexp.data import check_val_size
+    from cnnexp.objective import from_config
+
+    known_train_size = {"synthetic": cfg.data.get("n_train"), "cifar10": 50000}.get(cfg.data.name)
+    check_val_size(cfg.data.val_size, known_train_size)
+    from_config(cfg)
 
 
 def check_device(device: str) -> None:

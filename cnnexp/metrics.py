@@ -18,17 +18,20 @@ COLUMNS = [
     "train_samples_per_s",
 ]
 TIMING_COLUMNS = {"epoch_seconds", "train_samples_per_s"}
+VAL_COLUMNS = ["val_loss", "val_acc"]  # only in runs with a validation split (data.val_size)
+COLUMNS_WITH_VAL = [*COLUMNS[:3], *VAL_COLUMNS, *COLUMNS[3:]]
 
 
 class MetricsCSV:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, with_val: bool = False):
         self.path = Path(path)
+        self.columns = COLUMNS_WITH_VAL if with_val else COLUMNS
 
     def rewrite(self, rows: list[dict]) -> None:
         """Start the file afresh with these rows (a new run, or a resume)."""
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
             f.flush()
@@ -37,6 +40,6 @@ class MetricsCSV:
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
             f.flush()
             os.fsync(f.fileno())

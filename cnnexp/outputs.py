@@ -13,6 +13,7 @@ from cnnexp.data import DeviceData
 from cnnexp.engine import EvalResult
 
 MODEL_FILE = "model.pt"
+BEST_MODEL_FILE = "model_best.pt"  # the selected epoch's weights (runs with a validation split)
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion.csv"
 SAMPLES_FILE = "predictions_sample.npz"  # test images with true and predicted classes

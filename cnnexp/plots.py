@@ -21,6 +21,23 @@ METRIC_FIGURES = {
     "train_acc": ("Training accuracy", "accuracy (%)", 100.0),
     "test_acc": ("Test accuracy", "accuracy (%)", 100.0),
 }
+# With a validation split (data.val_size): its own figures, and its curves beside the test ones.
+VAL_FIGURES = {
+    "val_loss": ("Validation loss", "loss", 1.0),
+    "val_acc": ("Validation accuracy", "accuracy (%)", 100.0),
+}
+
+
+def _selected_epoch(metrics: pd.DataFrame) -> int | None:
+    """The epoch a run with a validation split selects (highest val_acc, first of equals)."""
+    if "val_acc" not in metrics or metrics["val_acc"].isna().all():
+        return None
+    return int(metrics.loc[metrics["val_acc"].idxmax(), "epoch"])
+
+
+def _mark_selected(ax, epoch: int | None) -> None:
+    if epoch is not None:
+        ax.axvline(epoch, color="gray", linestyle="--", linewidth=1, label=f"selected (epoch {epoch})")
 
 
 def _save(fig, path: Path) -> Path:
@@ -52,15 +69,27 @@ def render_run(run_dir: Path) -> list[Path]:
 
 def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
     written = []
-    for column, (title, ylabel, scale) in METRIC_FIGURES.items():
+    selected = _selected_epoch(metrics)
+    figures = {**METRIC_FIGURES, **(VAL_FIGURES if selected is not None else {})}
+    for column, (title, ylabel, scale) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
+        if column in VAL_FIGURES:
+            _mark_selected(ax, selected)
+            ax.legend(fontsize=8)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         written.append(_save(fig, out / f"{column}.png"))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (column, (title, ylabel, scale)) in zip(axes.flat, METRIC_FIGURES.items()):
-        ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=2)
+        ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=2, label=column.split("_")[0])
+        val_column = column.replace("test_", "val_")
+        if selected is not None and column.startswith("test_"):
+            ax.plot(metrics["epoch"], metrics[val_column] * scale, marker="o", markersize=2, label="validation")
+            title = title.replace("Test", "Test and validation")
+        if selected is not None:
+            _mark_selected(ax, selected)
+            ax.legend(fontsize=7)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
     written.append(_save(fig, out / "overview.png"))
@@ -117,6 +146,8 @@ SWEEP_FIGURES = {
     "test_acc": ("Test accuracy", "accuracy (%)", 100.0),
     "test_loss": ("Test loss", "loss", 1.0),
     "train_loss": ("Training loss", "loss", 1.0),
+    "val_acc": ("Validation accuracy", "accuracy (%)", 100.0),  # drawn when the jobs have a split
+    "val_loss": ("Validation loss", "loss", 1.0),
 }
 
 
@@ -125,10 +156,13 @@ def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[
     overrides), or with seeds, one line per group with a +-std band."""
     written = []
     for column, (title, ylabel, scale) in SWEEP_FIGURES.items():
+        if not any(column in frame for frame in curves.values()):
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if groups:
             for label, members in groups.items():
-                frames = [curves[m].set_index("epoch")[column] * scale for m in members if m in curves]
+                frames = [curves[m].set_index("epoch")[column] * scale for m in members
+                          if m in curves and column in curves[m]]
                 if not frames:
                     continue
                 stacked = pd.concat(frames, axis=1)
@@ -137,6 +171,8 @@ def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[
                 ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
         else:
             for label, frame in curves.items():
+                if column not in frame:
+                    continue
                 ax.plot(frame["epoch"], frame[column] * scale, marker="o", markersize=2, label=label)
         ax.set(title=title + (" (mean ± std over seeds)" if groups else ""), xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)

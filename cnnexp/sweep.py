@@ -26,6 +26,11 @@ log = logging.getLogger("cnnexp")
 SUMMARY_FILE = "summary.csv"
 SEED_KEY = "trainer.seed"
 GROUPED_METRICS = ["best_test_acc", "final_test_acc", "final_train_loss"]
+# Jobs with a validation split are selected and ranked by it; the test accuracy at
+# the selected epoch is the number to report.
+VAL_METRICS = ["best_val_acc", "best_epoch", "test_acc_at_best", "final_val_acc"]
+VAL_GROUPED_METRICS = ["best_val_acc", "test_acc_at_best", "final_test_acc", "final_train_loss"]
+RANKED_BY = "best_val_acc"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -74,6 +79,21 @@ def _job_row(job_dir: Path) -> tuple[dict, pd.DataFrame | None]:
         status, error = record.get("status", "unknown"), (record.get("error") or "").split("\n")[0]
     else:  # the job died before cnnexp wrote its record
         status, error = ("unknown" if done else "failed"), f"no run.json; see {job_dir / 'cnnexp.log'}"
+    if done and "val_acc" in metrics and metrics["val_acc"].notna().any():
+        best = metrics.loc[metrics["val_acc"].idxmax()]  # the first of equal epochs
+        return {
+            "status": status,
+            "error": error,
+            "epochs": len(metrics),
+            "best_val_acc": float(best["val_acc"]),
+            "best_epoch": int(best["epoch"]),
+            "test_acc_at_best": float(best["test_acc"]),
+            "final_val_acc": float(metrics["val_acc"].iloc[-1]),
+            "final_test_acc": float(metrics["test_acc"].iloc[-1]),
+            "final_train_loss": float(metrics["train_loss"].iloc[-1]),
+            "wall_seconds": record.get("wall_seconds", math.nan),
+            "run_dir": str(job_dir),
+        }, metrics
     row = {
         "status": status,
         "error": error,
@@ -112,6 +132,11 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
         if metrics is not None:
             curves[label] = metrics
     table = pd.DataFrame(rows)
+    with_val = "best_val_acc" in table
+    if with_val:  # some jobs may lack the split (failed early, or data.val_size swept to 0)
+        fixed = ["status", "error", "epochs", *VAL_METRICS, "final_test_acc", "final_train_loss"]
+        table = table[["job", *keys, *fixed, *[c for c in table if c not in ("job", *keys, *fixed)]]]
+        table = table.drop(columns=[c for c in ("best_test_acc",) if c in table])
     if len(table):
         table["best_epoch"] = table["best_epoch"].astype("Int64")  # stays an integer beside failed jobs
     groups = None
@@ -119,14 +144,23 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
         group_keys = [k for k in keys if k != SEED_KEY]
         group_labels = [" ".join(f"{k}={r[k]}" for k in group_keys) or "all seeds" for r in rows]
         table["group"] = group_labels
-        for metric in GROUPED_METRICS:
+        for metric in VAL_GROUPED_METRICS if with_val else GROUPED_METRICS:
             by_group = table.groupby("group")[metric]
             table[f"group_mean_{metric}"] = by_group.transform("mean")
             table[f"group_std_{metric}"] = by_group.transform(lambda s: s.std(ddof=0))
         groups = {}
         for group, label in zip(group_labels, labels):
             groups.setdefault(group, []).append(label)
+    if with_val:
+        rank_by(table, f"group_mean_{RANKED_BY}" if groups else RANKED_BY, after=len(keys) + 1)
     return table, curves, groups
+
+
+def rank_by(table: pd.DataFrame, column: str, after: int) -> None:
+    """Add `rank` (1 is best; equal values share a rank, jobs without a value get
+    none) and `ranked_by`, naming the column, at position `after`."""
+    table.insert(after, "rank", table[column].rank(ascending=False, method="min").astype("Int64"))
+    table.insert(after + 1, "ranked_by", column)
 
 
 def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:

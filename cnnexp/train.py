@@ -26,9 +26,10 @@ from cnnexp.cores import cpu_budget
 from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_settings, evaluate
 from cnnexp.errors import ConfigError, DataError, TrainingDiverged
 from cnnexp.metrics import MetricsCSV
+from cnnexp.objective import selected_row
 from cnnexp.observers import Observers
 from cnnexp.optim_args import optimizer_config
-from cnnexp.outputs import write_final_outputs
+from cnnexp.outputs import BEST_MODEL_FILE, write_final_outputs
 from cnnexp.targets import instantiate_checked
 
 log = logging.getLogger("cnnexp")
@@ -138,6 +139,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     splits = datasets.read_splits(cfg.data)
+    splits = datasets.split_validation(splits, cfg.data.get("val_size", 0), cfg.data.get("split_seed", 0))
     model = build_model(cfg.model, splits).to(device)
     data = datasets.to_device(splits, cfg.data, device)
     del splits
@@ -157,7 +159,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
 
     rows: list[dict] = []
     start_epoch, start_step, partial = 1, 0, None
-    metrics = MetricsCSV(run_dir / "metrics.csv")
+    has_val = data.val_x is not None
+    metrics = MetricsCSV(run_dir / "metrics.csv", with_val=has_val)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -165,6 +168,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         rows = checkpoint["metrics"]
         start_epoch, start_step = checkpoint["epoch"] + 1, checkpoint["step"]
         partial = checkpoint.get("partial")
+        if checkpoint.get("best_model") is not None:  # a stop may have come between the two writes
+            atomic_torch_save(checkpoint["best_model"], run_dir / BEST_MODEL_FILE)
         log.info("Resuming at epoch %d, step %d", start_epoch, start_step)
     metrics.rewrite(rows)  # drops any row written after the checkpoint
 
@@ -176,9 +181,9 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     step_kind = "flat SGD" if isinstance(optimizer, FlatSGD) else type(optimizer.optimizer).__name__
     if engine.use_graph:
         step_kind += " in a CUDA graph"
-    log.info("Training %s on %s (%d train / %d test images, %d classes) for %d epochs on %s "
+    log.info("Training %s on %s (%d train / %s%d test images, %d classes) for %d epochs on %s "
              "(%s; threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train,
-             data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, step_kind, train_threads,
+             f"{data.val_x.shape[0]} validation / " if has_val else "", data.test_x.shape[0], data.num_classes, t_cfg.max_epochs, device, step_kind, train_threads,
              eval_threads)
 
     observers = observers or Observers()
@@ -195,6 +200,9 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             return evaluate(model, data.test_x, data.test_y, t_cfg.eval_batch_size, data.num_classes,
                             data.normalize)
 
+    # The selected epoch's weights travel in every checkpoint, so a resume can
+    # always restore model_best.pt to match the metrics rows.
+    best_model = checkpoint.get("best_model") if checkpoint is not None else None
     final_eval = None
     for epoch in range(start_epoch, t_cfg.max_epochs + 1):
         lr = learning_rate(cfg.optim.lr, t_cfg.lr_schedule, epoch, t_cfg.max_epochs)
@@ -224,7 +232,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         signum = stop_requested()
         if signum is not None and result.steps < engine.steps_per_epoch:
             _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch - 1, result.steps,
-                             order_state, engine, result, train_seconds)
+                             order_state, engine, result, train_seconds, best_model)
             raise Interrupted(signum, epoch, result.steps)
 
         final_eval = evaluate_test_split()
@@ -232,6 +240,13 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             "epoch": epoch,
             "train_loss": result.loss_sum / engine.steps_per_epoch,
             "train_acc": result.correct / n_train,
+        }
+        if has_val:
+            with cpu_settings(eval_threads, onednn):
+                val_eval = evaluate(model, data.val_x, data.val_y, t_cfg.eval_batch_size, data.num_classes,
+                                    data.normalize)
+            row.update(val_loss=val_eval.loss, val_acc=val_eval.accuracy)
+        row |= {
             "test_loss": final_eval.loss,
             "test_acc": final_eval.accuracy,
             "lr": lr,
@@ -239,11 +254,16 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             "train_samples_per_s": round(result.samples / max(train_seconds, 1e-9), 1),
         }
         rows.append(row)
+        if has_val and selected_row(rows) is row:  # a new best on the validation split
+            best_model = _cpu_state(model)
+            atomic_torch_save(best_model, run_dir / BEST_MODEL_FILE)
         if t_cfg.checkpoint:
-            _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch, 0, None, None, None, 0.0)
+            _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch, 0, None, None, None, 0.0,
+                             best_model)
         metrics.append(row)
-        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_loss %.4f  test_acc %.4f  (%.1f s)",
-                 epoch, t_cfg.max_epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+        val_text = f"  val_acc {row['val_acc']:.4f}" if has_val else ""
+        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f%s  test_loss %.4f  test_acc %.4f  (%.1f s)",
+                 epoch, t_cfg.max_epochs, row["train_loss"], row["train_acc"], val_text, row["test_loss"],
                  row["test_acc"], row["epoch_seconds"])
         observers.on_epoch(row)
         if signum is not None:
@@ -255,8 +275,12 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     return RunResult(rows=rows, final_eval=final_eval)
 
 
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_done, step, order_state, engine,
-                     result, train_seconds) -> None:
+                     result, train_seconds, best_model=None) -> None:
     """epochs_done completed epochs; a non-zero step marks a stop inside the next epoch."""
     rng = rng_states(data_order)
     partial = None
@@ -268,11 +292,12 @@ def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_do
         "format": 1,
         "epoch": epochs_done,
         "step": step,
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model": _cpu_state(model),
         "optimizer": optimizer.state_dict(),
         "rng": rng,
         "metrics": list(rows),
         "partial": partial,
+        "best_model": best_model,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_torch_save(state, run_dir / CHECKPOINT_NAME)

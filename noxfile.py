@@ -8,7 +8,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(".[test]")
+    session.install(".[test,all]")  # the trackers' tests read back what TensorBoard and MLflow stored
     session.run("pytest", *session.posargs)
 
 

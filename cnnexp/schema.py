@@ -113,12 +113,26 @@ class TrainerConfig:
     objective: str = "auto"  # what the run returns to a sweeper; see cnnexp/objective.py
 
 
+# ---------------------------------------------------------------- live tracking
+# conf/logger/ switches the trackers on (logger=tensorboard, mlflow, all or a
+# list); the CSVs in the run dir stay the record either way.
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = False  # event files in <run dir>/tensorboard/<overrides>/
+    mlflow: bool = False  # one MLflow run per cnnexp run
+    tracking_uri: str | None = None  # MLflow; null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "cnnexp"  # MLflow experiment the runs go into
+    log_model: bool = False  # MLflow: upload model.pt as an artifact too
+    log_figures: bool = True  # the final plots: TensorBoard images, MLflow artifacts
+
+
 @dataclass
 class Config:
     model: Any = MISSING
     optim: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_configs() -> None:

@@ -28,6 +28,10 @@ class StopRun(Exception):
 class RunObserver:
     """Every hook is optional; the defaults do nothing."""
 
+    # Set before on_start: with it, on_step's (epoch, step) is a point on one
+    # run-wide axis, (epoch - 1) * steps_per_epoch + step.
+    steps_per_epoch: int | None = None
+
     def on_start(self, cfg: DictConfig, run_dir: Path, rows: list[dict]) -> None:
         """Training is about to start; `rows` holds the epochs a resumed run already has."""
 
@@ -52,6 +56,7 @@ class Observers(RunObserver):
 
     def on_start(self, cfg, run_dir, rows):
         for o in self.observers:
+            o.steps_per_epoch = self.steps_per_epoch
             o.on_start(cfg, run_dir, rows)
 
     def on_step(self, epoch, step, running_loss):

@@ -27,6 +27,7 @@ from cnnexp.observers import Observers, RunObserver, StopRun
 from cnnexp.optim_args import check_optimizer
 from cnnexp.plots import render_run
 from cnnexp.runrecord import RunRecord, read_record, versions
+from cnnexp.tracking import build_tracking
 from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
 from cnnexp.validate import check_writable, resolve_device, validate_config
 
@@ -86,6 +87,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         if checkpoint is not None:
             cfg = config_for_resume(checkpoint["config"], cfg, overrides)
         check_writable(run_dir)
+        tracking = build_tracking(cfg, run_dir, overrides, multirun,
+                                  previous=read_record(run_dir) if checkpoint is not None else None)
     except SweepDirTaken as err:  # leave the other sweep's results untouched and stop
         error(str(err))
         raise SystemExit(err.exit_code) from None
@@ -112,7 +115,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
     if multirun and not selection.name.startswith(("best_val", "final_val")):
         log.warning("The sweep's objective %s is not measured on a validation split, so the search tunes on "
                     "what it reports; hold out images with data.val_size for an honest search.", selection.name)
-    observers = Observers([EpochCounter(record), selection])
+    observers = Observers([EpochCounter(record), selection, *([tracking.bind(record)] if tracking else [])])
 
     def finish(status: str, **fields) -> None:
         record.finish(status, **fields)  # wall_seconds: the total over every segment of the run

@@ -187,6 +187,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
              eval_threads)
 
     observers = observers or Observers()
+    observers.steps_per_epoch = engine.steps_per_epoch
     observers.on_start(cfg, run_dir, list(rows))
     observe_steps = observers.wants_steps()
 
@@ -311,6 +312,9 @@ def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list
     for override in explicit_overrides:
         key = override.lstrip("+~").partition("=")[0]
         if key.startswith("hydra") or key == "trainer.resume":
+            continue
+        if key.split(".")[0].split("/")[0] == "logger":  # trackers watch a run; they do not change it
+            resumed.logger = current.logger
             continue
         name = key.removeprefix("trainer.")
         if key.startswith("trainer.") and name in changeable:

@@ -102,7 +102,7 @@ class MlflowTracker(Tracker):
     def finish(self, status: str, run_dir: Path) -> None:
         record = read_record(run_dir) or {}
         summary = {k: float(v) for k, v in record.items()
-                   if k.startswith(("best_", "final_")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if k.startswith(("best_", "final_", "objective_value", "test_acc_at_best")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
         for name in ARTIFACTS:

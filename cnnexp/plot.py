@@ -14,7 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from cnnexp.plots import plot_against_original, render_run
-from cnnexp.sweep import failed_jobs_line, is_sweep_dir, job_dirs, write_summary
+from cnnexp.sweep import (
+    best_by_validation_line,
+    failed_jobs_line,
+    is_sweep_dir,
+    job_dirs,
+    write_summary,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             render_run(job)
         table = write_summary(path, plots=True)
         print(f"Summarised {len(table)} jobs into {path / 'summary.csv'} with comparison plots")
+        best = best_by_validation_line(table)
+        if best:
+            print(best)
         line = failed_jobs_line(table)
         if line:
             print(f"note: {line}")

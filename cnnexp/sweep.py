@@ -174,6 +174,15 @@ def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     return table
 
 
+def best_by_validation_line(table: pd.DataFrame) -> str | None:
+    """The job ranked first, with the test accuracy to report, when the jobs have a split."""
+    if "rank" not in table or not (table["rank"] == 1).any():
+        return None
+    best = table[table["rank"] == 1].iloc[0]
+    return (f"Best by {best['ranked_by']}: job {best['job']} ({best['run_dir']}), validation accuracy "
+            f"{best['best_val_acc']:.4f} at epoch {best['best_epoch']}, test accuracy there {best['test_acc_at_best']:.4f}")
+
+
 def failed_jobs_line(table: pd.DataFrame) -> str | None:
     bad = table[table["status"] != "completed"] if len(table) else table
     if not len(bad):
@@ -203,6 +212,9 @@ class SweepSummaryCallback(Callback):
             return
         table = write_summary(sweep_dir, plots=True)
         log.info("Sweep summary: %s", sweep_dir / SUMMARY_FILE)
+        best = best_by_validation_line(table)
+        if best:
+            log.info("%s", best)
         line = failed_jobs_line(table)
         if line:
             print(f"cnnexp: error: {line}", file=sys.stderr)

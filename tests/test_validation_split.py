@@ -19,7 +19,7 @@ from cnnexp.errors import ConfigError
 from cnnexp.metrics import COLUMNS, COLUMNS_WITH_VAL
 from cnnexp.models import TutorialCNN
 from cnnexp.run import run_job
-from cnnexp.sweep import summarise
+from cnnexp.sweep import best_by_validation_line, summarise
 from cnnexp.train import Interrupted, seed_everything, train
 from cnnexp.validate import validate_config
 from conftest import SMALL, run_cli
@@ -282,6 +282,8 @@ def test_summary_selects_and_ranks_by_validation(tmp_path):
     assert list(table["test_acc_at_best"]) == [0.65, 0.62, 0.55]  # the test number at the selected epoch
     assert list(table["final_test_acc"]) == [0.90, 0.61, 0.40]
     assert "best_test_acc" not in table
+    line = best_by_validation_line(table)
+    assert line.startswith("Best by best_val_acc: job 1") and "test accuracy there 0.6200" in line
 
 
 def test_seed_groups_rank_by_their_mean_validation_accuracy(tmp_path):
@@ -301,6 +303,7 @@ def test_summary_without_a_split_is_unchanged(tmp_path):
     fake_job(tmp_path, 1, ["optim.lr=0.2"], None, [0.7, 0.4])
     table, _, _ = summarise(tmp_path)
     assert not {"rank", "ranked_by", "best_val_acc", "test_acc_at_best"} & set(table.columns)
+    assert best_by_validation_line(table) is None
     assert list(table["best_test_acc"]) == [0.6, 0.7]
     assert list(table["best_epoch"]) == [2, 1]
 
@@ -319,3 +322,4 @@ def test_a_sweep_with_a_split_end_to_end(tmp_path):
         assert record["best_val_acc"] == summary.loc[job, "best_val_acc"]
         assert record["test_acc_at_best"] == summary.loc[job, "test_acc_at_best"]
     assert (sweep_dir / "compare_val_acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Best by best_val_acc: job" in result.stdout + result.stderr

@@ -166,7 +166,7 @@ def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[
                 if not frames:
                     continue
                 stacked = pd.concat(frames, axis=1)
-                mean, std = stacked.mean(axis=1), stacked.std(axis=1, ddof=0)
+                mean, std = stacked.mean(axis=1), stacked.std(axis=1, ddof=1).fillna(0.0)  # sample std, as in summary.csv
                 line = ax.plot(mean.index, mean, label=f"{label} (n={len(frames)})")[0]
                 ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
         else:

@@ -147,7 +147,7 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
         for metric in VAL_GROUPED_METRICS if with_val else GROUPED_METRICS:
             by_group = table.groupby("group")[metric]
             table[f"group_mean_{metric}"] = by_group.transform("mean")
-            table[f"group_std_{metric}"] = by_group.transform(lambda s: s.std(ddof=0))
+            table[f"group_std_{metric}"] = by_group.transform(lambda s: s.std(ddof=1))  # sample std (n - 1)
         groups = {}
         for group, label in zip(group_labels, labels):
             groups.setdefault(group, []).append(label)

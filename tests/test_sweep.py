@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from cnnexp.cli import unique_dir
+from cnnexp.sweep import GROUPED_METRICS
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 SWEEP = ["-m", *SMALL, "data.n_train=200", "data.n_test=100", "trainer.max_epochs=2"]
@@ -48,10 +49,11 @@ def test_seed_sweep_reports_mean_and_std(tmp_path):
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert len(summary) == 4 and summary["group"].nunique() == 2
     for group, members in summary.groupby("group"):
-        values = members["final_test_acc"]
-        assert members["group_mean_final_test_acc"].iloc[0] == pytest.approx(values.mean())
-        assert members["group_std_final_test_acc"].iloc[0] == pytest.approx(values.std(ddof=0))
-        assert group.startswith("optim.lr=")
+        assert len(members) == 2 and group.startswith("optim.lr=") and "trainer.seed" not in group
+        for metric in GROUPED_METRICS:
+            values = members[metric].to_numpy()
+            assert (members[f"group_mean_{metric}"] == pytest.approx(values.mean())).all(), metric
+            assert (members[f"group_std_{metric}"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)).all()
 
 
 def test_failed_job_is_recorded_and_the_rest_kept(tmp_path):
@@ -166,3 +168,46 @@ def test_rerun_after_resuming_one_job_by_hand_is_not_refused(tmp_path):
     assert again.stderr.count("already completed; skipping") == 2
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert list(summary["status"]) == ["completed", "completed"] and list(summary["epochs"]) == [3, 2]
+
+
+def fake_job(sweep_dir, job, seed, lr, test_acc, train_loss):
+    """A finished job's directory as cnnexp leaves it: overrides, run.json, metrics.csv."""
+    job_dir = sweep_dir / str(job)
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- trainer.seed={seed}\n")
+    (job_dir / "run.json").write_text(json.dumps({"status": "completed", "wall_seconds": 1.0}))
+    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": train_loss, "train_acc": [0.1] * 3, "test_loss": [2.0] * 3,
+                  "test_acc": test_acc, "lr": [lr] * 3}).to_csv(job_dir / "metrics.csv", index=False)
+
+
+def test_seed_groups_use_the_sample_std_in_every_column_and_band(tmp_path, monkeypatch):
+    import matplotlib.axes
+    import numpy as np
+
+    from cnnexp.sweep import write_summary
+
+    accs = {0: [0.2, 0.5, 0.4], 1: [0.3, 0.6, 0.5], 2: [0.1, 0.2, 0.6]}
+    losses = {0: [2.0, 1.5, 1.0], 1: [2.2, 1.4, 1.2], 2: [2.1, 1.0, 0.7]}
+    for job, seed in enumerate(accs):
+        fake_job(tmp_path, job, seed, 0.01, accs[seed], losses[seed])
+    bands = []
+    fill_between = matplotlib.axes.Axes.fill_between
+
+    def record_band(ax, x, low, high, **kw):
+        bands.append((ax.get_title(), np.asarray(low), np.asarray(high)))
+        return fill_between(ax, x, low, high, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", record_band)
+    table = write_summary(tmp_path, plots=True)
+    expected = {"best_test_acc": [0.5, 0.6, 0.6], "final_test_acc": [0.4, 0.5, 0.6], "final_train_loss": [1.0, 1.2, 0.7]}
+    for metric in GROUPED_METRICS:
+        values = expected[metric] if metric in expected else table[metric]
+        assert table[f"group_mean_{metric}"].tolist() == pytest.approx([np.mean(values)] * 3), metric
+        assert table[f"group_std_{metric}"].tolist() == pytest.approx([np.std(values, ddof=1)] * 3), metric
+    # Each comparison plot's band is mean ± the sample std per epoch (in the plot's units).
+    stds = [np.std(list(accs.values()), axis=0, ddof=1), np.std(list(losses.values()), axis=0, ddof=1),
+            np.zeros(3)]  # test_loss is the same for every seed
+    assert len(bands) >= 3
+    for title, low, high in bands:
+        half = (high - low) / 2
+        assert any(half == pytest.approx(scale * std) for std in stds for scale in (1, 100)), (title, half)

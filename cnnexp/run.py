@@ -148,15 +148,24 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         finish("interrupted", error=str(stop))
         render_run(run_dir)
         code = 128 + stop.signum
+        if stop.checkpointed:
+            where = f"Stopped; checkpoint in {run_dir / CHECKPOINT_NAME}."
+        else:
+            where = (f"Stopped in epoch {stop.epoch}; no checkpoint was written (trainer.checkpoint=false), so "
+                     f"metrics.csv keeps the {record.data.get('epochs_completed', 0)} completed epoch(s) and "
+                     "the run cannot be continued.")
         if multirun:  # stop the whole sweep; re-running it continues this job
             from cnnexp.sweep import write_summary  # Hydra's end-of-job callbacks do not run now
 
             write_summary(run_dir.parent)
-            log.warning("Stopped; checkpoint in %s. Resume the sweep by running the same command with\n"
-                        "  hydra.sweep.dir=%s", run_dir / CHECKPOINT_NAME, run_dir.parent)
+            again = "continue" if stop.checkpointed else "re-run this job from its start and continue"
+            log.warning("%s To %s the sweep, run the same command with\n  hydra.sweep.dir=%s",
+                        where, again, run_dir.parent)
             raise SystemExit(code) from None
-        log.warning("Stopped; checkpoint in %s. Resume with:\n  python -m cnnexp trainer.resume=%s",
-                    run_dir / CHECKPOINT_NAME, run_dir)
+        if stop.checkpointed:
+            log.warning("%s Resume with:\n  python -m cnnexp trainer.resume=%s", where, run_dir)
+        else:
+            log.warning("%s", where)
         return code
     except KeyboardInterrupt:
         finish("interrupted", error="aborted by a second Ctrl-C (no checkpoint for this epoch)")
@@ -236,7 +245,7 @@ def plan_start(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[s
         )
     if record.get("status") == "completed":
         return "done", run_dir
-    if checkpoint_path(run_dir).is_file():
+    if cfg.trainer.checkpoint and checkpoint_path(run_dir).is_file():  # never continue from a stale one
         log.info("Continuing %s from its last checkpoint", run_dir)
         return load_checkpoint(checkpoint_path(run_dir)), run_dir
     return None, run_dir

@@ -38,9 +38,11 @@ log = logging.getLogger("cnnexp")
 class Interrupted(Exception):
     """A stop was requested (SIGINT/SIGTERM); a checkpoint has been written."""
 
-    def __init__(self, signum: int, epoch: int, step: int):
-        super().__init__(f"stopped by signal {signum} in epoch {epoch} after step {step}")
+    def __init__(self, signum: int, epoch: int, step: int, checkpointed: bool = True):
+        super().__init__(f"stopped by signal {signum} in epoch {epoch} after step {step}"
+                         + ("" if checkpointed else " (no checkpoint: trainer.checkpoint=false)"))
         self.signum, self.epoch, self.step = signum, epoch, step
+        self.checkpointed = checkpointed  # False when trainer.checkpoint=false: nothing to resume from
 
 
 @dataclass
@@ -232,9 +234,10 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             )
         signum = stop_requested()
         if signum is not None and result.steps < engine.steps_per_epoch:
-            _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch - 1, result.steps,
-                             order_state, engine, result, train_seconds, best_model)
-            raise Interrupted(signum, epoch, result.steps)
+            if t_cfg.checkpoint:
+                _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch - 1, result.steps,
+                                 order_state, engine, result, train_seconds, best_model)
+            raise Interrupted(signum, epoch, result.steps, checkpointed=t_cfg.checkpoint)
 
         final_eval = evaluate_test_split()
         row = {
@@ -268,7 +271,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
                  row["test_acc"], row["epoch_seconds"])
         observers.on_epoch(row)
         if signum is not None:
-            raise Interrupted(signum, epoch, engine.steps_per_epoch)
+            raise Interrupted(signum, epoch, engine.steps_per_epoch, checkpointed=t_cfg.checkpoint)
 
     if final_eval is None:  # resumed a run whose epochs were all done
         final_eval = evaluate_test_split()

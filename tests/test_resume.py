@@ -105,3 +105,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.atomic_torch_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_a_stop_without_checkpoints_says_so_and_writes_none(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_cli([*ARGS, "trainer.checkpoint=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_rows(run_dir / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "checkpoint in" not in stderr and "trainer.resume=" not in stderr
+    rows = len(read_rows(run_dir / "metrics.csv"))
+    assert f"no checkpoint was written (trainer.checkpoint=false), so metrics.csv keeps the {rows} completed" in stderr
+    assert not (run_dir / "checkpoints").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"

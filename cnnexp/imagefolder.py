@@ -5,8 +5,10 @@
 All images are decoded once (in threads: PIL releases the GIL while decoding)
 into uint8 tensors. The decoded tensors are cached under
 <root>/.cnnexp-cache/ so the next run, or the next job of a sweep, skips the
-decoding; the cache key covers every file's name, size and mtime and the
-resize setting, so changed images are never served stale.
+decoding; the cache key covers every file's path inside the root, size and
+mtime and the resize setting, so changed images are never served stale, and
+the same folder named by another path (relative, through a link) hits the
+same cache. A new cache file replaces the stale ones of its resize setting.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def read_imagefolder(cfg: DictConfig) -> ImageSplits:
     test_files, test_labels = list_images(root / "test", classes)
     resize = cfg.resize
 
-    cache = root / CACHE_DIR / f"{_cache_key(train_files + test_files, resize)}.pt"
+    cache = root / CACHE_DIR / f"{_cache_prefix(resize)}{_cache_key(root, train_files + test_files, resize)}.pt"
     if cfg.cache and cache.is_file():
         try:
             cached = torch.load(cache, weights_only=True)
@@ -131,12 +133,30 @@ def _decode(path: Path, resize: int | None) -> np.ndarray:
         raise DataError(f"{path} cannot be read as an image ({err}); remove or replace it.") from None
 
 
-def _cache_key(files: list[Path], resize: int | None) -> str:
-    digest = hashlib.sha256(f"v1 resize={resize}".encode())
+def _cache_prefix(resize: int | None) -> str:
+    return f"resize-{resize or 'none'}-"
+
+
+def _cache_key(root: Path, files: list[Path], resize: int | None) -> str:
+    """Depends on what the images are, not on how data.root was spelt."""
+    digest = hashlib.sha256(f"v2 resize={resize}".encode())
     for path in files:
         st = path.stat()
-        digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
+
+
+def _remove_stale_caches(cache: Path) -> None:
+    """Earlier caches of this folder at the same resize setting, now outdated (each
+    as large as the decoded dataset), and caches named by an older key format."""
+    setting = cache.name[: cache.name.rindex("-") + 1]  # e.g. "resize-32-"
+    for old in cache.parent.glob("*.pt"):
+        if old != cache and (old.name.startswith(setting) or not old.name.startswith("resize-")):
+            try:
+                old.unlink()
+                log.info("Removed the outdated image cache %s", old)
+            except OSError:
+                pass
 
 
 def _write_cache(cache: Path, splits: ImageSplits) -> None:
@@ -147,5 +167,6 @@ def _write_cache(cache: Path, splits: ImageSplits) -> None:
             {k: getattr(splits, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, tmp
         )
         tmp.replace(cache)
+        _remove_stale_caches(cache)
     except OSError as err:  # a read-only dataset folder: decode every time
         log.info("Not caching decoded images in %s (%s)", cache.parent, err)

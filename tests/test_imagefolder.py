@@ -37,16 +37,53 @@ def test_reads_images_labels_and_classes(tmp_path):
     assert torch.equal(splits.train_images[3], torch.from_numpy(pixels).permute(2, 0, 1))
 
 
-def test_cache_is_written_and_reused(tmp_path):
+def refuse_to_decode(monkeypatch):
+    """From here on a read must come from the cache: decoding fails the test."""
+    from cnnexp import imagefolder
+
+    def decode_all(files, resize):
+        raise AssertionError(f"decoded {len(files)} images although the cache holds them")
+
+    monkeypatch.setattr(imagefolder, "decode_all", decode_all)
+
+
+def test_cache_is_written_and_read_instead_of_decoding(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs")
     first = read_imagefolder(cfg(root))
-    assert len(list((root / CACHE_DIR).glob("*.pt"))) == 1
-    second = read_imagefolder(cfg(root))
-    assert torch.equal(first.test_images, second.test_images)
-    # A changed image changes the key: the stale cache is not used.
+    (cache,) = (root / CACHE_DIR).glob("*.pt")
+    with monkeypatch.context() as patch:
+        refuse_to_decode(patch)
+        second = read_imagefolder(cfg(root))
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert second.classes == first.classes
+    # A changed image changes the key: the stale cache is neither used nor kept.
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "test" / "cat" / "0000.png")
     third = read_imagefolder(cfg(root))
     assert int(third.test_images[0].sum()) == 0
+    assert [p.name for p in (root / CACHE_DIR).glob("*.pt")] != [cache.name]
+    assert len(list((root / CACHE_DIR).glob("*.pt"))) == 1
+
+
+def test_cache_is_found_whatever_path_names_the_folder(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data" / "imgs")
+    read_imagefolder(cfg(root))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(root)
+    refuse_to_decode(monkeypatch)
+    monkeypatch.chdir(elsewhere)
+    for spelling in ("../data/imgs", "../data/./imgs/", str(tmp_path / "link")):
+        assert read_imagefolder(cfg(spelling)).train_images.shape == (6, 3, 32, 32), spelling
+    assert len(list((root / CACHE_DIR).glob("*.pt"))) == 1
+
+
+def test_caches_of_other_resize_settings_are_kept(tmp_path):
+    root = make_folder(tmp_path / "imgs", size=40)
+    read_imagefolder(cfg(root, resize=32))
+    read_imagefolder(cfg(root, resize=16))
+    read_imagefolder(cfg(root))
+    assert len(list((root / CACHE_DIR).glob("*.pt"))) == 3
 
 
 def test_resize_and_mixed_sizes(tmp_path):

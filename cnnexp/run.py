@@ -86,6 +86,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
             return 0
         if checkpoint is not None:
             cfg = config_for_resume(checkpoint["config"], cfg, overrides)
+        objective_name = objective_of(cfg)
         check_writable(run_dir)
         tracking = build_tracking(cfg, run_dir, overrides, multirun,
                                   previous=read_record(run_dir) if checkpoint is not None else None)
@@ -111,7 +112,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                           resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
     record.write()
     flag = StopFlag()
-    selection = SelectionRecord(record, objective_of(cfg))
+    selection = SelectionRecord(record, objective_name)
     if multirun and not selection.name.startswith(("best_val", "final_val")):
         log.warning("The sweep's objective %s is not measured on a validation split, so the search tunes on "
                     "what it reports; hold out images with data.val_size for an honest search.", selection.name)

@@ -311,7 +311,8 @@ def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list
     """The saved run's config; the command line may change only how it runs on (epochs, device, ...)."""
     resumed = OmegaConf.create(saved)
     resumed.trainer.resume = current.trainer.resume
-    changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "eval_batch_size")
+    changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "eval_batch_size",
+                  "objective")  # what a sweeper hears, not how the run trains
     for override in explicit_overrides:
         key = override.lstrip("+~").partition("=")[0]
         if key.startswith("hydra") or key == "trainer.resume":

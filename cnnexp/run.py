@@ -26,6 +26,7 @@ from cnnexp.objective import record_fields
 from cnnexp.observers import Observers, RunObserver, StopRun
 from cnnexp.optim_args import check_optimizer
 from cnnexp.plots import render_run
+from cnnexp.pruning import search_observers
 from cnnexp.runrecord import RunRecord, read_record, versions
 from cnnexp.tracking import build_tracking
 from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
@@ -116,7 +117,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
     if multirun and not selection.name.startswith(("best_val", "final_val")):
         log.warning("The sweep's objective %s is not measured on a validation split, so the search tunes on "
                     "what it reports; hold out images with data.val_size for an honest search.", selection.name)
-    observers = Observers([EpochCounter(record), selection, *([tracking.bind(record)] if tracking else [])])
+    observers = Observers([EpochCounter(record), selection, *([tracking.bind(record)] if tracking else []),
+                           *search_observers()])
 
     def finish(status: str, **fields) -> None:
         record.finish(status, **fields)  # wall_seconds: the total over every segment of the run

@@ -165,6 +165,14 @@ def rank_by(table: pd.DataFrame, column: str, after: int) -> None:
 
 def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
+    if (sweep_dir / "search.yaml").is_file():  # an Optuna search: one row per trial (cnnexp/search.py)
+        from cnnexp.errors import ConfigError
+        from cnnexp.search import write_search_summary
+
+        try:
+            return write_search_summary(sweep_dir, plots=plots)
+        except ConfigError as err:  # optuna missing here: the plain job summary still helps
+            log.warning("%s; summarising the jobs without the study.", err)
     table, curves, groups = summarise(sweep_dir)
     tmp = sweep_dir / f".{SUMMARY_FILE}.tmp{os.getpid()}"
     table.to_csv(tmp, index=False)
@@ -183,12 +191,21 @@ def best_by_validation_line(table: pd.DataFrame) -> str | None:
             f"{best['best_val_acc']:.4f} at epoch {best['best_epoch']}, test accuracy there {best['test_acc_at_best']:.4f}")
 
 
+# A pruned search trial stopped early on purpose: a normal outcome, not a failure.
+ENDED_WELL = ("completed", "pruned")
+
+
 def failed_jobs_line(table: pd.DataFrame) -> str | None:
-    bad = table[table["status"] != "completed"] if len(table) else table
+    if not len(table):
+        return None
+    unit = "trial" if "trial" in table else "job"  # a search's summary has one row per trial
+    started = table[table["status"].fillna("") != ""] if unit == "trial" else table  # not queued ones
+    bad = started[~started["status"].isin(ENDED_WELL)]
     if not len(bad):
         return None
-    parts = [f"job {r.job} {r.status}" + (f" ({r.error})" if r.error else "") for r in bad.itertuples()]
-    return f"{len(bad)} of {len(table)} sweep jobs did not complete: " + "; ".join(parts)
+    parts = [f"{unit} {getattr(r, unit)} {r.status}" + (f" ({r.error})" if isinstance(r.error, str) and r.error else "")
+             for r in bad.itertuples()]
+    return f"{len(bad)} of {len(table)} sweep {unit}s did not complete: " + "; ".join(parts)
 
 
 class SweepSummaryCallback(Callback):

@@ -1,0 +1,8 @@
+"""cnnexp's Optuna sweeper for Hydra: `cnnexp -m hydra/sweeper=optuna ...`.
+
+Hydra finds it because it lives in the `hydra_plugins` namespace package.
+config.py registers `hydra/sweeper=optuna`; optuna_sweeper.py is the plugin
+class; the modules whose names start with an underscore (which Hydra's
+plugin scan skips, so Optuna is imported only when a search runs) hold the
+search space and the ask-launch-tell loop.
+"""

@@ -101,6 +101,9 @@ class Search:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage_url = s["storage"] or results.default_storage(sweep_dir)
         study = _open_study(optuna, storage_url, s["study_name"], sampler, pruner, objectives.direction(name))
+        existing = len(study.get_trials(deepcopy=False))
+        if existing and s["seed"] is not None:  # a continued study: new draws, still reproducible
+            study.sampler = _sampler(optuna, s, space, seed_offset=existing)
         study.set_user_attr(PRUNER_ATTR, pruner_spec)  # the jobs build their pruner from this
         study.set_user_attr("cnnexp.objective", name)
         for entry in s["enqueue"] or []:
@@ -269,10 +272,10 @@ def _suggest(trial, key: str, dist):
     return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
-def _sampler(optuna, s: dict, space: SearchSpace):
+def _sampler(optuna, s: dict, space: SearchSpace, seed_offset: int = 0):
     options = dict(s["sampler_options"] or {})
     if s["seed"] is not None:
-        options.setdefault("seed", int(s["seed"]))
+        options.setdefault("seed", int(s["seed"]) + seed_offset)
     kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
              "cmaes": optuna.samplers.CmaEsSampler, "grid": optuna.samplers.GridSampler}
     try:

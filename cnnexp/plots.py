@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnexp.outputs import CONFUSION_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
 
@@ -33,6 +34,10 @@ def _selected_epoch(metrics: pd.DataFrame) -> int | None:
     if "val_acc" not in metrics or metrics["val_acc"].isna().all():
         return None
     return int(metrics.loc[metrics["val_acc"].idxmax(), "epoch"])
+
+
+def _whole_epochs(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _mark_selected(ax, epoch: int | None) -> None:
@@ -74,6 +79,7 @@ def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
     for column, (title, ylabel, scale) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
+        _whole_epochs(ax)
         if column in VAL_FIGURES:
             _mark_selected(ax, selected)
             ax.legend(fontsize=8)
@@ -87,6 +93,7 @@ def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
         if selected is not None and column.startswith("test_"):
             ax.plot(metrics["epoch"], metrics[val_column] * scale, marker="o", markersize=2, label="validation")
             title = title.replace("Test", "Test and validation")
+        _whole_epochs(ax)
         if selected is not None:
             _mark_selected(ax, selected)
             ax.legend(fontsize=7)

@@ -1,5 +1,6 @@
 """Checks Hydra runs before it creates the run directory, so an output
-location that cannot be written is one clear line instead of a traceback."""
+location that cannot be written, or a SLURM cluster that is not there, is one
+clear line instead of a traceback."""
 
 from __future__ import annotations
 
@@ -26,4 +27,17 @@ class OutputDirCheck(Callback):
         _check(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_launcher(config.hydra.launcher)  # before the sweep dir exists
         _check(config.hydra.sweep.dir)
+
+
+def _check_launcher(launcher: DictConfig) -> None:
+    from cnnexp.slurm import check_cluster, is_slurm_launcher
+
+    if not is_slurm_launcher(launcher):
+        return
+    try:
+        check_cluster(launcher.get("partition"))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None

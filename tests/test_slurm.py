@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
-from conftest import SMALL, run_cli
+from cnnexp.slurm import queue_watcher
+from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 JOB_FILES = ["metrics.csv", "per_class.csv", "model.pt", "run.json", "plots/test_acc.png", "cnnexp.log"]
 COMPARISONS = ["compare_test_acc.png", "compare_test_loss.png", "compare_train_loss.png"]
@@ -77,13 +81,19 @@ def slurm_job_id(job_dir) -> str:
     return str(hydra_cfg["hydra"]["job"]["id"])
 
 
-def slurm_sweep(tmp_path, partition, *args, name="sweep", **kw):
+TINY = [*SMALL, "data.n_train=200", "data.n_test=100", "trainer.max_epochs=2"]
+
+
+def launcher_args(partition: str) -> list[str]:
+    """The slurm preset sized for the test cluster's node: 1 CPU, 1 GB, no GPU per job."""
+    return ["hydra/launcher=slurm", f"hydra.launcher.partition={partition}", "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
+
+
+def slurm_sweep(tmp_path, partition, *args, data=TINY, name="sweep"):
     sweep_dir = tmp_path / name
-    result = run_cli(["-m", *SMALL, "data.n_train=200", "data.n_test=100", "trainer.max_epochs=2",
-                      "hydra/launcher=slurm", f"hydra.launcher.partition={partition}",
-                      "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-                      "hydra.launcher.mem_gb=1", *args, f"hydra.sweep.dir={sweep_dir}"],
-                     cwd=tmp_path, timeout=240, **kw)
+    result = run_cli(["-m", *data, *launcher_args(partition), *args, f"hydra.sweep.dir={sweep_dir}"],
+                     cwd=tmp_path, timeout=240)
     return result, sweep_dir
 
 
@@ -113,3 +123,144 @@ def test_sweep_runs_one_slurm_job_per_hydra_job(two_job_sweep):
     assert list(summary["optim.lr"]) == [0.001, 0.01]
     for name in COMPARISONS:
         assert (sweep_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preset_fields_reach_the_slurm_job(two_job_sweep, partition):
+    result, sweep_dir = two_job_sweep
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        submitted = scontrol_job(slurm_job_id(sweep_dir / job))
+        assert submitted["Partition"] == partition
+        assert submitted["TimeLimit"] == "00:07:00"  # timeout_min=7
+        assert submitted["CPUs/Task"] == "1"
+        assert submitted["MinMemoryNode"] == "1G"
+        assert submitted["TresPerNode"] == "gres:gpu:0"  # gpus_per_node=0
+        assert submitted["ArrayTaskThrottle"] == "1"  # array_parallelism=1
+        assert submitted["JobName"] == "cnnexp"
+
+
+class StartRequeuedJobsNow(threading.Thread):
+    """A requeued job waits two minutes (SLURM's rule) before it may start
+    again; this moves the start of the sweep's pending jobs to now."""
+
+    def __init__(self, sweep_dir):
+        super().__init__(daemon=True)
+        self.sweep_dir, self.done = sweep_dir, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            for hydra_yaml in self.sweep_dir.glob("*/.hydra/hydra.yaml"):
+                job_id = slurm_job_id(hydra_yaml.parent.parent)
+                out = subprocess.run(["squeue", "--noheader", "--format=%T %r", "--jobs", job_id],
+                                     capture_output=True, text=True).stdout
+                if "PENDING BeginTime" in out:
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                                   capture_output=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeued_and_signalled_jobs_continue_from_their_checkpoints(partition, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = start_cli(["-m", *SMALL, "data.n_train=2000", "data.n_test=100", "trainer.max_epochs=2",
+                      "optim.lr=0.001,0.002,0.003", *launcher_args(partition), f"hydra.sweep.dir={sweep_dir}"],
+                     cwd=tmp_path)
+    starter = StartRequeuedJobsNow(sweep_dir)
+    starter.start()
+    # Each job is stopped in its second epoch, in one of three ways: requeued
+    # by SLURM, SIGTERM (pre-emption), SIGUSR2 (the time limit is near).
+    actions = {"0": ["scontrol", "requeue"], "1": ["scancel", "--signal=TERM"], "2": ["scancel", "--signal=USR2"]}
+    first_rows, ids = {}, {}
+    try:
+        for job, command in actions.items():
+            metrics = sweep_dir / job / "metrics.csv"
+            wait_for_rows(metrics, 1, proc, timeout=150)
+            ids[job] = slurm_job_id(sweep_dir / job)
+            subprocess.run([*command, ids[job]], check=True)
+            first_rows[job] = metrics.read_text().splitlines()[1]
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        starter.done.set()
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *ids.values()], capture_output=True)
+    assert proc.returncode == 0, stderr
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary["status"]) == ["completed"] * 3
+    for job, job_id in ids.items():
+        assert scontrol_job(job_id)["Restarts"] == "1", job
+        metrics = sweep_dir / job / "metrics.csv"
+        assert [int(e) for e in pd.read_csv(metrics)["epoch"]] == [1, 2], job
+        assert metrics.read_text().splitlines()[1] == first_rows[job], job  # epoch 1 was not trained again
+        assert "from its last checkpoint" in (sweep_dir / job / "cnnexp.log").read_text(), job
+
+
+def make_image_folder(root):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_failing_on_the_node_is_recorded_and_the_others_complete(partition, tmp_path):
+    good = make_image_folder(tmp_path / "images")
+    missing = tmp_path / "not-on-the-node"
+    result, sweep_dir = slurm_sweep(tmp_path, partition, f"data.root={good},{missing}",
+                                    data=["data=imagefolder", "trainer.max_epochs=1", "trainer.progress=log"])
+    assert result.returncode == 1
+    assert "job 1 failed" in result.stderr
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary["status"]) == ["completed", "failed"]
+    assert str(missing) in summary.loc[1, "error"]
+    for name in JOB_FILES:
+        assert (sweep_dir / "0" / name).is_file(), name
+    assert all((sweep_dir / name).is_file() for name in COMPARISONS)
+
+
+@pytest.mark.slurm
+def test_unknown_partition_is_one_clear_error_and_writes_nothing(partition, tmp_path):
+    result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm",
+                      "hydra.launcher.partition=no-such-partition"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "no partition 'no-such-partition'" in result.stderr
+    assert partition in result.stderr  # names the partitions there are
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_slurm_launcher_without_slurm_is_one_clear_error_and_writes_nothing(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm",
+                      f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env={"PATH": str(empty)}, timeout=120)
+    assert result.returncode == 2
+    assert "needs SLURM" in result.stderr and "sbatch" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sweep_dir.exists()
+    # the same command with the default sweep dir leaves no multirun/ behind either
+    result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm"], cwd=tmp_path,
+                     env={"PATH": str(empty)}, timeout=120)
+    assert result.returncode == 2
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_queue_watcher_reads_squeue_and_notices_jobs_that_left_the_queue():
+    watcher = queue_watcher()(delay_s=600)
+    for job_id in ("7_0", "7_1", "8"):
+        watcher.register_job(job_id)
+    watcher._info_dict.update(watcher.read_info("7_0|RUNNING|vm\n7_1|PENDING|\n8|RUNNING|vm\n"))
+    assert watcher.get_state("7_0", mode="cache") == "RUNNING"
+    assert not watcher.is_done("7_1", mode="cache")
+    # later: 7_0 finished and left the controller's memory; 8 was requeued
+    watcher._info_dict.update(watcher.read_info(b"7_1|RUNNING|vm\n8|PENDING|\n"))
+    assert watcher.is_done("7_0", mode="cache")
+    assert not watcher.is_done("7_1", mode="cache") and not watcher.is_done("8", mode="cache")

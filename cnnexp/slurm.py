@@ -1,0 +1,124 @@
+"""SLURM, as cnnexp's sweep launcher sees it: is the cluster there, what state
+is a job in, what to record when a job is lost.
+
+The launcher itself (`hydra/launcher=slurm`) lives in
+hydra_plugins/cnnexp_slurm_launcher, where Hydra looks for plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cnnexp.errors import ConfigError
+
+log = logging.getLogger("cnnexp")
+
+SLURM_COMMANDS = ("sbatch", "srun", "sinfo", "squeue", "scontrol")
+
+
+# --- before submitting ---------------------------------------------------------
+
+def is_slurm_launcher(launcher_cfg: Any) -> bool:
+    target = str(getattr(launcher_cfg, "_target_", "") or "")
+    return target.endswith("SlurmLauncher")
+
+
+def check_cluster(partition: str | None) -> None:
+    """Raise ConfigError naming what is missing when jobs cannot be submitted to `partition`."""
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        raise ConfigError(
+            f"hydra/launcher=slurm needs SLURM, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine. Run the sweep on the "
+            "cluster's login node, or drop hydra/launcher=slurm (hydra/launcher=joblib runs jobs in "
+            "parallel here)."
+        )
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ConfigError("hydra/launcher=slurm: `sinfo` did not answer within 60 s; "
+                          "is the SLURM controller (slurmctld) up?") from None
+    if out.returncode != 0:
+        detail = (out.stderr or out.stdout).strip().splitlines()
+        raise ConfigError(f"hydra/launcher=slurm: SLURM does not answer (`sinfo`: "
+                          f"{detail[-1] if detail else f'exit {out.returncode}'}); is slurmctld up?")
+    listed = [p.strip() for p in out.stdout.split()]
+    names = [p.rstrip("*") for p in listed]
+    if partition is None:
+        if not any(p.endswith("*") for p in listed):
+            raise ConfigError("hydra/launcher=slurm: the cluster has no default partition; choose one with "
+                              f"hydra.launcher.partition=NAME (partitions: {', '.join(names) or 'none'}).")
+        return
+    unknown = [p for p in str(partition).split(",") if p not in names]
+    if unknown:
+        raise ConfigError(f"hydra/launcher=slurm: SLURM has no partition {', '.join(map(repr, unknown))}; "
+                          f"set hydra.launcher.partition to one of: {', '.join(names) or 'none'} "
+                          "(`sinfo` lists them).")
+
+
+# --- job states without accounting ---------------------------------------------
+
+def accounting_works() -> bool:
+    """Whether `sacct` answers (clusters without slurmdbd say 'accounting storage is disabled')."""
+    try:
+        return subprocess.run(["sacct", "--noheader", "-X", "-j", "1"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def queue_watcher():
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class QueueWatcher(SlurmInfoWatcher):
+        """submitit's job-state watcher, reading `squeue` instead of `sacct`.
+
+        A job the controller no longer lists has ended (it keeps finished jobs
+        for MinJobAge); submitit then looks for its result file."""
+
+        GONE = "NOT_IN_QUEUE"
+
+        def _make_command(self):
+            if not self._registered - self._finished:
+                return None
+            return ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N"]
+
+        def read_info(self, string):
+            if not isinstance(string, str):
+                string = string.decode()
+            info = super().read_info("JobID|State|NodeList\n" + string)
+            for job_id in self._registered:
+                if job_id not in info and job_id in self._info_dict:
+                    info[job_id] = {"JobID": job_id, "State": self.GONE, "NodeList": ""}
+            return info
+
+    return QueueWatcher
+
+
+# --- jobs ----------------------------------------------------------------------------
+
+def job_state(job_id: str) -> str:
+    """JobState from `scontrol show job` (RUNNING, COMPLETING, PENDING, CANCELLED, ...)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    for item in out.split():
+        if item.startswith("JobState="):
+            return item.partition("=")[2]
+    return "UNKNOWN"
+
+
+def record_lost_job(job_dir: Path, overrides: list[str], message: str) -> None:
+    """Mark a job that ended without a result as failed in its run.json (kept if it completed)."""
+    from cnnexp.runrecord import RunRecord, read_record
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = read_record(job_dir) or {"overrides": overrides}
+    if record.get("status") != "completed":
+        RunRecord(job_dir, **record).finish("failed", error=message)

@@ -1,0 +1,125 @@
+"""Hydra's submitit SLURM launcher, with what a sweep needs on a real cluster.
+
+Hydra's launcher submits one array task per sweep job. This one adds:
+
+- requeue by itself: a job stopped by SIGTERM (pre-emption, `scancel
+  --signal=TERM`) or warned of its time limit (SIGUSR2, `signal_delay_s`
+  before it) finishes its training step, writes its checkpoint and asks SLURM
+  to requeue it; a job SLURM requeues itself (`scontrol requeue`, pre-emption
+  in REQUEUE mode) stops the same way. Started again, the job continues from
+  its checkpoint (cnnexp.run resumes a sweep job from its directory);
+- a job that dies without a result (killed, out of memory, node lost) is
+  recorded as failed, and the other jobs' results are still collected, so
+  the sweep ends with its summary and plots and exits 1 naming the job;
+- job states from `squeue` where the cluster keeps no accounting (no `sacct`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+
+log = logging.getLogger("cnnexp")
+
+# A sweep job stopped by SIGTERM exits with this code after writing its checkpoint (cnnexp.run).
+STOPPED_BY_SIGTERM = 128 + signal.SIGTERM
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    """Hydra's submitit SLURM launcher with cnnexp's requeue and lost-job handling."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        # Runs in the job, on the node. submitit answers SIGUSR2 by requeueing
+        # at once; during training cnnexp first finishes the step and writes a
+        # checkpoint, so there the warning goes to cnnexp's stop handler.
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        idle_term_handler = signal.getsignal(signal.SIGTERM)
+
+        def on_time_limit_warning(signum, frame):
+            current = signal.getsignal(signal.SIGTERM)
+            if callable(current) and current is not idle_term_handler:  # training: stop cleanly
+                current(signal.SIGTERM, frame)
+            else:
+                submitit_handler(signum, frame)
+
+        if callable(submitit_handler):
+            signal.signal(signal.SIGUSR2, on_time_limit_warning)
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as stop:
+            if stop.code == STOPPED_BY_SIGTERM and callable(submitit_handler):
+                _requeue(submitit_handler)
+            raise
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Submit one array task per job, then collect every job's result, also when some are lost."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+        from submitit.slurm.slurm import SlurmJob
+
+        from cnnexp.slurm import accounting_works, queue_watcher
+
+        assert self.config is not None
+        if not accounting_works():
+            SlurmJob.watcher = queue_watcher()(delay_s=600)
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
+        job_params = [(list(ov), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
+                      for n, ov in zip(numbers, job_overrides)]
+        jobs = executor.map_array(self, *zip(*job_params))
+        log.info("Submitted %d SLURM job(s): %s; their logs: %s", len(jobs), " ".join(j.job_id for j in jobs),
+                 sweep_dir / ".submitit")
+
+        returns = []
+        for n, overrides, job in zip(numbers, job_overrides, jobs):
+            try:
+                returns.append(job.results()[0])
+            except Exception as err:  # the job ended without a result: killed, out of memory, node lost
+                returns.append(_lost(sweep_dir / str(n), list(overrides), job, err))
+        return returns
+
+
+def _requeue(submitit_handler) -> None:
+    from cnnexp.slurm import job_state
+
+    raw_id = os.environ.get("SLURM_JOB_ID", "")
+    array_id, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_id}_{task}" if array_id and task else raw_id
+    state = job_state(raw_id) if raw_id else "UNKNOWN"
+    if state != "RUNNING":  # SLURM is requeueing it already, or it was cancelled
+        log.warning("SLURM job %s is %s; not asking for a requeue.", job_id, state)
+        return
+    log.warning("Requeueing SLURM job %s; it continues from its checkpoint when it starts again.", job_id)
+    # submitit's own handler counts time-outs against max_num_timeout, runs
+    # `scontrol requeue` and exits the job.
+    submitit_handler(signal.SIGUSR2, None)
+
+
+def _lost(job_dir: Path, overrides: list[str], job, err: Exception) -> JobReturn:
+    from cnnexp.slurm import record_lost_job
+
+    message = (f"SLURM job {job.job_id} ended without a result ({type(err).__name__}, state {job.state}); "
+               f"see {job.paths.stderr}")
+    log.error("%s", message)
+    record_lost_job(job_dir, overrides, message)
+    # Returned as done so that the sweep goes on to its summary, which lists
+    # this job as failed and makes the command exit 1.
+    ret = JobReturn(overrides=overrides, working_dir=str(job_dir), status=JobStatus.COMPLETED)
+    ret.return_value = None
+    return ret

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,16 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     return fields
 
 
+def settled_job(job_id: str, timeout: float = 60) -> dict[str, str]:
+    """scontrol's record of a job once SLURM has finished tearing it down (COMPLETING -> COMPLETED)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = scontrol_job(job_id)
+        if job["JobState"] != "COMPLETING" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
 def slurm_job_id(job_dir) -> str:
     """The SLURM job id Hydra recorded for a job (array_task form, e.g. 12_0)."""
     hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())
@@ -115,7 +126,7 @@ def test_sweep_runs_one_slurm_job_per_hydra_job(two_job_sweep):
             assert (sweep_dir / job / name).is_file(), f"{job}/{name}"
     ids = [slurm_job_id(sweep_dir / job) for job in ("0", "1")]
     assert len(set(ids)) == 2
-    jobs = [scontrol_job(i) for i in ids]
+    jobs = [settled_job(i) for i in ids]
     assert all(j["JobState"] == "COMPLETED" for j in jobs), jobs
     assert {j["ArrayJobId"] for j in jobs} == {ids[0].split("_")[0]}  # one array, one task per Hydra job
     summary = pd.read_csv(sweep_dir / "summary.csv")
@@ -152,12 +163,13 @@ class StartRequeuedJobsNow(threading.Thread):
     def run(self):
         while not self.done.wait(0.5):
             for hydra_yaml in self.sweep_dir.glob("*/.hydra/hydra.yaml"):
-                job_id = slurm_job_id(hydra_yaml.parent.parent)
-                out = subprocess.run(["squeue", "--noheader", "--format=%T %r", "--jobs", job_id],
-                                     capture_output=True, text=True).stdout
-                if "PENDING BeginTime" in out:
-                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                                   capture_output=True)
+                try:
+                    job_id = slurm_job_id(hydra_yaml.parent.parent)
+                    if scontrol_job(job_id)["JobState"] == "PENDING":
+                        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                                       capture_output=True)
+                except Exception:  # a hydra.yaml being written, a job not known yet: next round
+                    pass
 
 
 @pytest.mark.slurm

@@ -77,11 +77,13 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 
 
 def settled_job(job_id: str, timeout: float = 60) -> dict[str, str]:
-    """scontrol's record of a job once SLURM has finished tearing it down (COMPLETING -> COMPLETED)."""
+    """scontrol's record of a job once it has ended. The sweep returns when
+    every job has written its result; the process exits and SLURM tears the
+    job down (RUNNING -> COMPLETING -> COMPLETED) a moment later."""
     deadline = time.monotonic() + timeout
     while True:
         job = scontrol_job(job_id)
-        if job["JobState"] != "COMPLETING" or time.monotonic() > deadline:
+        if job["JobState"] not in ("RUNNING", "COMPLETING") or time.monotonic() > deadline:
             return job
         time.sleep(0.2)
 
@@ -202,7 +204,7 @@ def test_requeued_and_signalled_jobs_continue_from_their_checkpoints(partition, 
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert list(summary["status"]) == ["completed"] * 3
     for job, job_id in ids.items():
-        assert scontrol_job(job_id)["Restarts"] == "1", job
+        assert settled_job(job_id)["Restarts"] == "1", job
         metrics = sweep_dir / job / "metrics.csv"
         assert [int(e) for e in pd.read_csv(metrics)["epoch"]] == [1, 2], job
         assert metrics.read_text().splitlines()[1] == first_rows[job], job  # epoch 1 was not trained again

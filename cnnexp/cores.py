@@ -9,10 +9,14 @@ from pathlib import Path
 
 def available_cores() -> int:
     """Cores this process may run on (its affinity set: a cluster job or
-    `taskset` may allow fewer than the machine has)."""
+    `taskset` may allow fewer than the machine has). A SLURM job owns its
+    cpus_per_task CPUs also where the cluster does not bind it to them."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cores = os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cores
 
 
 def cpu_budget() -> int:

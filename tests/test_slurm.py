@@ -9,6 +9,7 @@ cluster's default partition).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cnnexp.cores import available_cores
 from cnnexp.slurm import queue_watcher
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
@@ -152,6 +154,8 @@ def test_preset_fields_reach_the_slurm_job(two_job_sweep, partition):
         assert submitted["TresPerNode"] == "gres:gpu:0"  # gpus_per_node=0
         assert submitted["ArrayTaskThrottle"] == "1"  # array_parallelism=1
         assert submitted["JobName"] == "cnnexp"
+        threads = json.loads((sweep_dir / job / "run.json").read_text())["threads"]
+        assert threads == {"train": 1, "eval": 1}  # the job's cpus_per_task, not the node's cores
 
 
 class StartRequeuedJobsNow(threading.Thread):
@@ -278,3 +282,12 @@ def test_queue_watcher_reads_squeue_and_notices_jobs_that_left_the_queue():
     watcher._info_dict.update(watcher.read_info(b"7_1|RUNNING|vm\n8|PENDING|\n"))
     assert watcher.is_done("7_0", mode="cache")
     assert not watcher.is_done("7_1", mode="cache") and not watcher.is_done("8", mode="cache")
+
+
+def test_a_slurm_job_uses_its_cpus_per_task_even_where_slurm_does_not_bind_it(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    everything = available_cores()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert available_cores() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(everything + 8))  # never more than the process may use
+    assert available_cores() == everything

@@ -167,7 +167,7 @@ def write_search_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     _atomic_write(sweep_dir / SUMMARY_FILE, table.to_csv(index=False))
     _atomic_write(sweep_dir / BEST_FILE, describe(sweep_dir, study, info, table))
     if plots:
-        render_search(sweep_dir, study, table)
+        render_search(sweep_dir, study, table, info.get("objective", "objective"))
     return table
 
 
@@ -178,7 +178,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------ figures
-def render_search(sweep_dir: Path, study, table: pd.DataFrame) -> list[Path]:
+def render_search(sweep_dir: Path, study, table: pd.DataFrame, objective: str = "objective") -> list[Path]:
     """The comparison plots (one line per trial) and the study's own figures."""
     curves = {}
     for row in table.itertuples():
@@ -189,7 +189,7 @@ def render_search(sweep_dir: Path, study, table: pd.DataFrame) -> list[Path]:
         if len(metrics):
             curves[f"trial {row.trial}" + (" (pruned)" if row.state == "pruned" else "")] = metrics
     written = render_sweep(Path(sweep_dir), curves, None) if curves else []
-    return written + render_study_figures(study, Path(sweep_dir))
+    return written + render_study_figures(study, Path(sweep_dir), objective)
 
 
 STUDY_FIGURES = {
@@ -201,7 +201,7 @@ STUDY_FIGURES = {
 }
 
 
-def render_study_figures(study, out: Path) -> list[Path]:
+def render_study_figures(study, out: Path, objective: str = "objective") -> list[Path]:
     """Each figure that the study's trials allow; the others are skipped with a note
     (importances, for one, need two completed trials whose parameters differ)."""
     optuna = require_optuna()
@@ -215,6 +215,11 @@ def render_study_figures(study, out: Path) -> list[Path]:
                 axes = getattr(vis, function)(study)
             first = axes.flat[0] if hasattr(axes, "flat") else axes
             fig = first.figure
+            if function in ("plot_optimization_history", "plot_intermediate_values"):
+                first.set_ylabel(objective)  # Optuna's own labels say "Objective Value" / "Step"
+            if function == "plot_intermediate_values":
+                first.set_xlabel("epoch")
+                first.set_title(f"{objective} after each epoch (pruned trials stop early)")
             if not fig.axes or not any(ax.has_data() for ax in fig.axes):
                 plt.close(fig)
                 log.info("Skipped %s (%s): no trial has the data it needs yet", name, what)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 
 import pandas as pd
 import pytest
@@ -16,7 +17,7 @@ from cnnexp.observers import Observers, StopRun
 from cnnexp.pruning import PRUNER_ATTR, TRIAL_ENV, PruningReporter, TrialLink, build_pruner
 from cnnexp.sweep import failed_jobs_line
 from cnnexp.train import train
-from conftest import SMALL, run_cli
+from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 optuna = pytest.importorskip("optuna")
 
@@ -213,3 +214,26 @@ def test_running_the_command_again_continues_the_study(small_search):
     assert record(sweep / "3")["status"] == "completed"
     assert yaml.safe_load((sweep / "3" / ".hydra" / "overrides.yaml").read_text())[-1].startswith("optim.momentum=")
     assert len(pd.read_csv(sweep / "summary.csv")) == 4
+
+
+@pytest.mark.slow
+def test_a_stopped_search_continues_its_unfinished_trial_from_the_checkpoint(tmp_path):
+    args = [*SEARCH, "hydra.sweep.dir=sweep", "trainer.max_epochs=3", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.pruner=none", "optim.lr=tag(log, interval(1e-3, 3e-2))"]
+    proc = start_cli(args, cwd=tmp_path)
+    trial0 = tmp_path / "sweep" / "0"
+    wait_for_rows(trial0 / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the trial checkpoints and the search stops
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert record(trial0)["status"] == "interrupted"
+    stopped_rows = metrics_rows(trial0)
+
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(tmp_path / "sweep")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    rows = metrics_rows(trial0)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[: len(stopped_rows)] == stopped_rows
+    assert list(study.trials[0].intermediate_values) == [1, 2, 3]
+    assert record(tmp_path / "sweep" / "1")["status"] == "completed"

@@ -55,3 +55,15 @@ def test_installed_wheel_runs_outside_the_repo(installed_wheel, tmp_path):
     script = subprocess.run([str(venv / "bin" / "cnnexp"), "--cfg", "job"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert script.returncode == 0 and "max_epochs: 50" in script.stdout
+
+
+def test_installed_wheel_ships_the_sweeper_plugin(installed_wheel, tmp_path):
+    import zipfile
+
+    venv, wheel = installed_wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hydra_plugins/cnnexp_optuna_sweeper/config.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared with Hydra's own plugins
+    info = subprocess.run([str(venv / "bin" / "python"), "-m", "cnnexp", "--info", "plugins"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "CnnexpOptunaSweeper" in info.stdout, info.stderr

@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,6 +24,7 @@ from cnnexp.train import train
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 optuna = pytest.importorskip("optuna")
+REPO = Path(__file__).resolve().parents[1]
 
 SEARCH = ["-m", "hydra/sweeper=optuna", *SMALL, "trainer.device=cpu"]
 # Three learning rates tried in this order: two that learn, then one that cannot.
@@ -237,3 +242,15 @@ def test_a_stopped_search_continues_its_unfinished_trial_from_the_checkpoint(tmp
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[: len(stopped_rows)] == stopped_rows
     assert list(study.trials[0].intermediate_values) == [1, 2, 3]
     assert record(tmp_path / "sweep" / "1")["status"] == "completed"
+
+
+def test_without_optuna_a_search_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['optuna'] = None\n"  # as if optuna were not installed
+            "sys.argv = ['cnnexp', '-m', 'hydra/sweeper=optuna', 'data=synthetic', 'optim.lr=interval(0.001, 0.01)',"
+            " 'hydra.sweep.dir=sweep']\n"
+            "from cnnexp.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cnnexp: error: A search needs the optuna package, which is not installed: pip install 'cnnexp[search]'"]

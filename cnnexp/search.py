@@ -97,7 +97,9 @@ def search_table(sweep_dir: Path, study, info: dict) -> pd.DataFrame:
         row["epochs"] = int(job.get("epochs", 0) or 0)
         row["max_epochs"] = _max_epochs(job_dir, info)
         for key, value in job.items():
-            if key in ("job", "status", "epochs", "run_dir", "error") or key in override_keys or key.startswith("group"):
+            # The job summary's own ranking is left out: a search ranks by its objective (best.txt).
+            if key in ("job", "status", "epochs", "run_dir", "error", "rank", "ranked_by") or key in override_keys \
+                    or key.startswith("group"):
                 continue
             row[key] = value
         row["run_dir"] = job.get("run_dir") or t.user_attrs.get("run_dir", "")

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import tarfile
 import threading
@@ -135,6 +136,7 @@ def test_corrupt_batch_file_is_named(tmp_path, archive, server):
         read_cifar10(data_cfg(root, server, archive["md5"]))
 
 
+@pytest.mark.slow
 def test_cli_trains_on_downloaded_cifar10(tmp_path, archive, server):
     root = tmp_path / "data"
     run_dir = tmp_path / "run"
@@ -145,6 +147,7 @@ def test_cli_trains_on_downloaded_cifar10(tmp_path, archive, server):
     assert "airplane" in (run_dir / "per_class.csv").read_text()
 
 
+@pytest.mark.slow
 def test_cli_offline_error_has_no_traceback(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli([f"data.root={tmp_path / 'data'}", "data.url=http://127.0.0.1:9/cifar-10-python.tar.gz",
@@ -152,4 +155,5 @@ def test_cli_offline_error_has_no_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "data=synthetic" in result.stderr and ARCHIVE_NAME in result.stderr
-    assert "failed" in (run_dir / "run.json").read_text()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "127.0.0.1:9" in record["error"]

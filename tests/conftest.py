@@ -48,3 +48,35 @@ def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 1
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     raise AssertionError(f"{path} never reached {n} rows")
+
+
+class StderrLines:
+    """Collects a running process's stderr line by line, so a test can act when
+    a line appears (e.g. a progress line inside an epoch) and read the rest later."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in list(self.lines)):
+                return
+            assert self.proc.poll() is None, "".join(self.lines)
+            time.sleep(0.01)
+        raise AssertionError(f"{text!r} never appeared on stderr")
+
+    def finish(self, timeout: float = 120) -> str:
+        """Wait for the process to end; its whole stderr."""
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def write_module(directory: Path, name: str, source: str) -> None:
+    """A Python module a CLI run started in `directory` can name in a _target_."""
+    (directory / f"{name}.py").write_text(source)

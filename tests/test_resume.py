@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cnnexp.metrics import TIMING_COLUMNS
-from conftest import SMALL, run_cli, start_cli, wait_for_rows
+from conftest import SMALL, StderrLines, run_cli, start_cli, wait_for_rows, write_module
 
-ARGS = [*SMALL, "data.n_train=1200", "trainer.max_epochs=4", "trainer.num_threads=1"]
+# On the CPU, whatever else the machine has: resumed runs are compared bit for bit.
+ARGS = [*SMALL, "data.n_train=1200", "trainer.max_epochs=4", "trainer.num_threads=1", "trainer.device=cpu"]
+STEPS_PER_EPOCH = 300  # 1200 images at batch 4
 
 
 def read_rows(path):
@@ -26,6 +28,7 @@ def uninterrupted(tmp_path_factory):
     return read_rows(tmp / "run" / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
     proc = start_cli([*ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -44,25 +47,60 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupte
     assert "Resuming at epoch" in (run_dir / "cnnexp.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_stops_with_checkpoint_and_resumes_exactly(tmp_path, uninterrupted, signum, code):
+def test_signal_mid_epoch_checkpoints_the_position_and_resumes_exactly(tmp_path, uninterrupted, signum, code):
     run_dir = tmp_path / "stopped"
-    proc = start_cli([*ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    wait_for_rows(run_dir / "metrics.csv", 1, proc)
+    proc = start_cli([*ARGS, "trainer.log_every_steps=50", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    stderr = StderrLines(proc)
+    stderr.wait_for("[epoch 2, step    50]")  # 250 steps of epoch 2 still to go
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == code
-    assert f"trainer.resume={run_dir}" in stderr
+    output = stderr.finish()
+    assert proc.returncode == code, output
+    assert f"trainer.resume={run_dir}" in output
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    rows = read_rows(run_dir / "metrics.csv")
-    assert len(rows) == checkpoint["epoch"] == len(checkpoint["metrics"])
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert checkpoint["epoch"] == 1 and 50 <= checkpoint["step"] < STEPS_PER_EPOCH  # inside epoch 2
+    assert checkpoint["partial"]["logits"].shape == (4 * checkpoint["step"], 10)  # the steps it had done
+    assert len(read_rows(run_dir / "metrics.csv")) == 1 == len(checkpoint["metrics"])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and f"after step {checkpoint['step']}" in record["error"]
 
     result = run_cli([f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert f"Resuming at epoch 2, step {checkpoint['step']}" in (run_dir / "cnnexp.log").read_text()
     assert read_rows(run_dir / "metrics.csv") == uninterrupted
 
 
+DOUBLE_CTRL_C = """
+import os, signal, time
+from cnnexp.models import TutorialCNN
+
+class InterruptedTwice(TutorialCNN):
+    \"\"\"Presses Ctrl-C twice during the first evaluation, as an impatient user would.\"\"\"
+    def forward(self, x):
+        if not self.training:
+            os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop after the current step
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # the second aborts at once
+        return super().forward(x)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    write_module(tmp_path, "impatient", DOUBLE_CTRL_C)
+    run_dir = tmp_path / "run"
+    result = run_cli([*SMALL, "model._target_=impatient.InterruptedTwice", "trainer.max_epochs=50",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "press Ctrl-C again to abort at once" in result.stderr and "Traceback" not in result.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and "second Ctrl-C" in record["error"]
+    assert read_rows(run_dir / "metrics.csv") == []  # the first epoch's evaluation never finished
+    assert not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "model.pt").exists()
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_changed_setting_and_keeps_the_run_history(tmp_path):
     run_dir = tmp_path / "run"
     first_overrides = [*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
@@ -107,6 +145,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False) == {"epoch": 1}
 
 
+@pytest.mark.slow
 def test_a_stop_without_checkpoints_says_so_and_writes_none(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_cli([*ARGS, "trainer.checkpoint=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

@@ -226,18 +226,44 @@ def make_image_folder(root):
     return root
 
 
+def kill_when_running(array_task: str, workdir, proc, timeout: float = 150) -> str:
+    """SIGKILL the sweep's array task `_N` (submitted from workdir) once it runs, as the
+    out-of-memory killer or a lost node would; returns its job id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        out = subprocess.run(["squeue", "--noheader", "--array", "--format=%i %T %Z"], capture_output=True,
+                             text=True).stdout
+        for job_id, state, job_workdir in (line.split() for line in out.splitlines() if line.strip()):
+            if job_id.endswith(array_task) and job_workdir == str(workdir) and state == "RUNNING":
+                subprocess.run(["scancel", "--full", "--signal=KILL", job_id], check=True)
+                return job_id
+        time.sleep(0.2)
+    raise AssertionError(f"no running SLURM job {array_task} from {workdir}")
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_job_failing_on_the_node_is_recorded_and_the_others_complete(partition, tmp_path):
-    good = make_image_folder(tmp_path / "images")
+def test_failed_and_killed_jobs_are_recorded_and_the_others_complete(partition, tmp_path):
+    good, other = make_image_folder(tmp_path / "images"), make_image_folder(tmp_path / "images2")
     missing = tmp_path / "not-on-the-node"
-    result, sweep_dir = slurm_sweep(tmp_path, partition, f"data.root={good},{missing}",
-                                    data=["data=imagefolder", "trainer.max_epochs=1", "trainer.progress=log"])
-    assert result.returncode == 1
-    assert "job 1 failed" in result.stderr
+    sweep_dir = tmp_path / "sweep"
+    proc = start_cli(["-m", "data=imagefolder", "trainer.max_epochs=1", "trainer.progress=log",
+                      f"data.root={good},{missing},{other}", *launcher_args(partition),
+                      f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    try:
+        killed = kill_when_running("_2", tmp_path, proc)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "job 1 failed" in stderr and "job 2 failed" in stderr
     summary = pd.read_csv(sweep_dir / "summary.csv")
-    assert list(summary["status"]) == ["completed", "failed"]
-    assert str(missing) in summary.loc[1, "error"]
+    assert list(summary["status"]) == ["completed", "failed", "failed"]
+    assert str(missing) in summary.loc[1, "error"]  # the job's own error, from the node
+    assert f"SLURM job {killed} ended without a result" in summary.loc[2, "error"]
+    assert json.loads((sweep_dir / "2" / "run.json").read_text())["status"] == "failed"
     for name in JOB_FILES:
         assert (sweep_dir / "0" / name).is_file(), name
     assert all((sweep_dir / name).is_file() for name in COMPARISONS)

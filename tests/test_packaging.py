@@ -39,6 +39,7 @@ def test_wheel_ships_the_configs(installed_wheel):
     for config in ("config.yaml", "model/tutorial_cnn.yaml", "optim/sgd.yaml", "data/cifar10.yaml",
                    "trainer/default.yaml", "hydra/launcher/slurm.yaml"):
         assert f"cnnexp/conf/{config}" in names
+    assert "hydra_plugins/cnnexp_slurm_launcher/slurm_launcher.py" in names  # the class hydra/launcher=slurm names
 
 
 def test_installed_wheel_runs_outside_the_repo(installed_wheel, tmp_path):

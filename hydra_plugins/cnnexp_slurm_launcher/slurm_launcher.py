@@ -91,7 +91,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             try:
                 returns.append(job.results()[0])
             except Exception as err:  # the job ended without a result: killed, out of memory, node lost
-                returns.append(_lost(sweep_dir / str(n), list(overrides), job, err))
+                returns.append(_lost(sweep_dir / _subdir(overrides, n), list(overrides), job, err))
         return returns
 
 
@@ -109,6 +109,15 @@ def _requeue(submitit_handler) -> None:
     # submitit's own handler counts time-outs against max_num_timeout, runs
     # `scontrol requeue` and exits the job.
     submitit_handler(signal.SIGUSR2, None)
+
+
+def _subdir(overrides: Sequence[str], number: int) -> str:
+    """The job's directory under the sweep dir: its number, unless the sweeper named it."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+") == "hydra.sweep.subdir":
+            return value
+    return str(number)
 
 
 def _lost(job_dir: Path, overrides: list[str], job, err: Exception) -> JobReturn:

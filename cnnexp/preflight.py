@@ -37,7 +37,7 @@ def _check_launcher(launcher: DictConfig) -> None:
     if not is_slurm_launcher(launcher):
         return
     try:
-        check_cluster(launcher.get("partition"))
+        check_cluster(launcher)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None

@@ -27,8 +27,11 @@ def is_slurm_launcher(launcher_cfg: Any) -> bool:
     return target.endswith("SlurmLauncher")
 
 
-def check_cluster(partition: str | None) -> None:
-    """Raise ConfigError naming what is missing when jobs cannot be submitted to `partition`."""
+def check_cluster(launcher: Any) -> None:
+    """Raise ConfigError naming what is missing when SLURM would not take the
+    preset's jobs: no SLURM here, no controller, no such partition, or
+    resources the partition cannot give (asked of `sbatch --test-only`)."""
+    partition = launcher.get("partition")
     missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
     if missing:
         raise ConfigError(
@@ -38,26 +41,57 @@ def check_cluster(partition: str | None) -> None:
             "parallel here)."
         )
     try:
-        out = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise ConfigError("hydra/launcher=slurm: `sinfo` did not answer within 60 s; "
-                          "is the SLURM controller (slurmctld) up?") from None
-    if out.returncode != 0:
-        detail = (out.stderr or out.stdout).strip().splitlines()
-        raise ConfigError(f"hydra/launcher=slurm: SLURM does not answer (`sinfo`: "
-                          f"{detail[-1] if detail else f'exit {out.returncode}'}); is slurmctld up?")
-    listed = [p.strip() for p in out.stdout.split()]
+        listed = _slurm(["sinfo", "--noheader", "--format=%P"], "`sinfo`").split()
+    except ConfigError as err:
+        raise ConfigError(f"{err} Is the SLURM controller (slurmctld) up?") from None
     names = [p.rstrip("*") for p in listed]
-    if partition is None:
-        if not any(p.endswith("*") for p in listed):
-            raise ConfigError("hydra/launcher=slurm: the cluster has no default partition; choose one with "
-                              f"hydra.launcher.partition=NAME (partitions: {', '.join(names) or 'none'}).")
-        return
-    unknown = [p for p in str(partition).split(",") if p not in names]
+    if partition is None and not any(p.endswith("*") for p in listed):
+        raise ConfigError("hydra/launcher=slurm: the cluster has no default partition; choose one with "
+                          f"hydra.launcher.partition=NAME (partitions: {', '.join(names) or 'none'}).")
+    unknown = [p for p in str(partition or "").split(",") if p and p not in names]
     if unknown:
         raise ConfigError(f"hydra/launcher=slurm: SLURM has no partition {', '.join(map(repr, unknown))}; "
                           f"set hydra.launcher.partition to one of: {', '.join(names) or 'none'} "
                           "(`sinfo` lists them).")
+    try:
+        _slurm(["sbatch", "--test-only", *sbatch_flags(launcher)], "`sbatch --test-only`", stdin="#!/bin/sh\ntrue\n")
+    except ConfigError as err:
+        where = partition or "the default partition"
+        raise ConfigError(
+            f"{err} SLURM would not run these jobs as the preset asks. Compare hydra.launcher's cpus_per_task, "
+            f"mem_gb, gpus_per_node (0 where there are no GPUs) and timeout_min with what {where} offers: "
+            f"`sinfo -p {partition or '<name>'} -o '%c %m %G %l'` lists its CPUs, memory (MB), GPUs and "
+            "time limit."
+        ) from None
+
+
+def sbatch_flags(launcher: Any) -> list[str]:
+    """The resource requests Hydra's submitit launcher puts into each job's sbatch script."""
+    fields = {"partition": "partition", "time": "timeout_min", "nodes": "nodes",
+              "ntasks-per-node": "tasks_per_node", "cpus-per-task": "cpus_per_task",
+              "gpus-per-node": "gpus_per_node", "gpus-per-task": "gpus_per_task", "cpus-per-gpu": "cpus_per_gpu",
+              "mem-per-cpu": "mem_per_cpu", "mem-per-gpu": "mem_per_gpu", "qos": "qos", "account": "account",
+              "constraint": "constraint", "exclude": "exclude", "gres": "gres"}
+    flags = [f"--{flag}={launcher.get(key)}" for flag, key in fields.items() if launcher.get(key) is not None]
+    if launcher.get("mem_gb") is not None:
+        flags.append(f"--mem={launcher.get('mem_gb')}GB")
+    for key, value in (launcher.get("additional_parameters") or {}).items():
+        flags.append(f"--{str(key).replace('_', '-')}" + ("" if value is True else f"={value}"))
+    return flags
+
+
+def _slurm(command: list[str], name: str, stdin: str | None = None) -> str:
+    """Run a SLURM command; its stdout, or ConfigError with SLURM's own words."""
+    try:
+        out = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"hydra/launcher=slurm: {name} did not answer within 60 s; "
+                          "is the SLURM controller (slurmctld) up?") from None
+    if out.returncode != 0:
+        said = [line.removeprefix("sbatch: error: ").strip() for line in (out.stderr or out.stdout).splitlines()]
+        said = "; ".join(line for line in said if line) or f"exit {out.returncode}"
+        raise ConfigError(f"hydra/launcher=slurm: {name} failed: {said}.")
+    return out.stdout
 
 
 # --- job states without accounting ---------------------------------------------

@@ -270,13 +270,21 @@ def test_failed_and_killed_jobs_are_recorded_and_the_others_complete(partition, 
 
 
 @pytest.mark.slurm
-def test_unknown_partition_is_one_clear_error_and_writes_nothing(partition, tmp_path):
+def test_unknown_partition_or_impossible_job_is_one_clear_error_and_writes_nothing(partition, tmp_path):
     result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm",
                       "hydra.launcher.partition=no-such-partition"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "no partition 'no-such-partition'" in result.stderr
     assert partition in result.stderr  # names the partitions there are
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "multirun").exists()
+
+    # More CPUs per job than any node has: sbatch --test-only refuses it before anything is written.
+    result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", *launcher_args(partition),
+                      "hydra.launcher.cpus_per_task=4096"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Requested node configuration is not available" in result.stderr
+    assert "cpus_per_task" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "multirun").exists()
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds a wheel and a venv
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -44,7 +44,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupte
     assert read_rows(run_dir / "metrics.csv") == uninterrupted  # bitwise: same strings, no duplicate rows
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["resumed_from"]
-    assert "Resuming at epoch" in (run_dir / "cnnexp.log").read_text()
+    assert f"Resuming at epoch {done_before + 1}, step 0" in (run_dir / "cnnexp.log").read_text()
 
 
 @pytest.mark.slow

@@ -57,5 +57,9 @@ def _require(name: str, module: str) -> None:
     try:
         __import__(module)
     except ImportError as err:
-        raise ConfigError(f"logger={name} needs the {name} package, which cannot be imported ({err}); "
-                          f"install it with: {INSTALL_HINTS[name]}") from None
+        raise ConfigError(missing_package(name, str(err))) from None
+
+
+def missing_package(name: str, detail: str) -> str:
+    return (f"logger={name} needs the {name} package, which cannot be imported ({detail}); "
+            f"install it with: {INSTALL_HINTS[name]}")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -27,6 +28,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from cnnexp.runrecord import read_record
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; start parallel jobs on a store that exists already
+    fcntl = None
 from cnnexp.tracking.base import Tracker
 from cnnexp.tracking.names import flat_config, numeric_columns
 
@@ -63,7 +69,11 @@ class MlflowTracker(Tracker):
               epochs_done: int) -> None:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        with sqlite_lock(self.tracking_uri):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)  # creates a new store's tables
+            self._open_run(cfg, run_dir, state)
+
+    def _open_run(self, cfg: DictConfig, run_dir: Path, state: dict) -> None:
         record = read_record(run_dir) or {}
         if state.get("run_id") and state.get("tracking_uri") == self.tracking_uri:
             self.run_id = state["run_id"]  # a resumed run continues its MLflow run
@@ -171,6 +181,24 @@ class MlflowTracker(Tracker):
         parent = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         if parent:
             self.client.set_terminated(parent, "FINISHED")
+
+
+@contextmanager
+def sqlite_lock(tracking_uri: str):
+    """Parallel jobs open a SQLite store one at a time: a new database's tables are
+    created on first use, and two processes creating them at once corrupt the schema."""
+    if not tracking_uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # flock on the database file itself: SQLite's own locks are fcntl locks, which flock does not touch.
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -14,13 +14,14 @@ MAX_LABEL = 200  # a directory name must stay under the file system's 255 bytes
 def run_label(overrides: list[str], sweep_dir: Path | None = None) -> str:
     """The run's name in TensorBoard and MLflow: its overrides, `key=value,...`.
 
-    In a sweep only the swept keys name a job (the overrides every job shares
-    would repeat in each name); a run without overrides is `defaults`."""
+    In a sweep, overrides every job shares (those the sweep command gave one
+    value) would repeat in each name, so a job is named by the rest: the swept
+    values, or what a search sampled. A run without overrides is `defaults`."""
     # Hydra's own keys and the choice of trackers say nothing about the run itself.
     pairs = [o for o in overrides if _key(o).split(".")[0] not in ("hydra", "logger")]
-    swept = _swept_keys(sweep_dir) if sweep_dir is not None else set()
-    if swept:
-        pairs = [o for o in pairs if _key(o) in swept] or pairs
+    if sweep_dir is not None:
+        shared = _sweep_command_overrides(sweep_dir)
+        pairs = [o for o in pairs if o not in shared] or pairs
     label = ",".join(pairs) or "defaults"
     label = label.replace("/", "∕")  # a path separator would nest TensorBoard's run directory
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
@@ -30,20 +31,13 @@ def _key(override: str) -> str:
     return override.lstrip("+~").partition("=")[0]
 
 
-def _swept_keys(sweep_dir: Path) -> set[str]:
-    """Keys the sweep command gave several values (read from Hydra's multirun.yaml)."""
+def _sweep_command_overrides(sweep_dir: Path) -> set[str]:
+    """The overrides of the sweep command, as Hydra saved them in multirun.yaml."""
     try:
         saved = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
-        task = saved["hydra"]["overrides"]["task"]
+        return {str(o) for o in saved["hydra"]["overrides"]["task"]}
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return set()
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
-    except Exception:  # a sweeper's own syntax we cannot read: name jobs by all their overrides
-        return set()
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
 def flat_config(cfg: DictConfig | dict) -> dict[str, str | int | float | bool]:

@@ -143,7 +143,9 @@ class MlflowTracker(Tracker):
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(self.experiment_name)
+            # The kind makes the MLflow UI open the experiment on its runs table, not the GenAI views.
+            return self.client.create_experiment(self.experiment_name,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # a parallel job created it first
             experiment = self.client.get_experiment_by_name(self.experiment_name)
             if experiment is None:

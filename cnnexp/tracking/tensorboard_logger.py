@@ -56,6 +56,9 @@ class TensorBoardTracker(Tracker):
     def _write_hparams(self, cfg: DictConfig) -> None:
         params = flat_config(cfg)
         params.pop("trainer.resume", None)
+        # The keys that name the run come first: the HParams tab shows the first few columns.
+        named = [pair.partition("=")[0].lstrip("+~") for pair in self.label.split(",")]
+        params = {**{k: params[k] for k in named if k in params}, **params}
         metrics = {tag: 0.0 for tag in HPARAM_METRICS}  # only the names are written here
         file_writer = self.writer._get_file_writer()
         for summary in hparams(params, metrics):

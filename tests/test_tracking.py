@@ -322,7 +322,8 @@ def test_run_label_names_a_run_by_its_overrides(tmp_path):
         "hydra:\n  overrides:\n    task:\n    - data=synthetic\n    - optim.lr=0.01,0.02\n    - trainer.seed=range(2)\n")
     assert run_label(["data=synthetic", "optim.lr=0.02", "trainer.seed=1"], tmp_path) == "optim.lr=0.02,trainer.seed=1"
     (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n    - data=synthetic\n")
-    assert run_label(["data=synthetic", "optim.lr=0.00123"], tmp_path) == "optim.lr=0.00123"  # a sampled trial
+    (tmp_path / "search.yaml").write_text("params:\n  optim.lr: tag(log, interval(1e-4, 1e-1))\n")
+    assert run_label(["data=synthetic", "optim.lr=0.00123"], tmp_path) == "optim.lr=0.00123"  # a search's trial
 
 
 def test_metrics_columns_become_grouped_tensorboard_tags():

@@ -20,8 +20,12 @@ def run_label(overrides: list[str], sweep_dir: Path | None = None) -> str:
     # Hydra's own keys and the choice of trackers say nothing about the run itself.
     pairs = [o for o in overrides if _key(o).split(".")[0] not in ("hydra", "logger")]
     if sweep_dir is not None:
-        shared = _sweep_command_overrides(sweep_dir)
-        pairs = [o for o in pairs if o not in shared] or pairs
+        searched = _searched_keys(sweep_dir)
+        if searched:
+            pairs = [o for o in pairs if _key(o) in searched] or pairs
+        else:
+            shared = _sweep_command_overrides(sweep_dir)
+            pairs = [o for o in pairs if o not in shared] or pairs
     label = ",".join(pairs) or "defaults"
     label = label.replace("/", "∕")  # a path separator would nest TensorBoard's run directory
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
@@ -37,6 +41,15 @@ def _sweep_command_overrides(sweep_dir: Path) -> set[str]:
         saved = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
         return {str(o) for o in saved["hydra"]["overrides"]["task"]}
     except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return set()
+
+
+def _searched_keys(sweep_dir: Path) -> set[str]:
+    """The keys an Optuna search samples (its search.yaml), or none for a grid sweep."""
+    try:
+        saved = yaml.safe_load((Path(sweep_dir) / "search.yaml").read_text())
+        return {str(k) for k in saved.get("params") or {}}
+    except (OSError, AttributeError, yaml.YAMLError):
         return set()
 
 

@@ -40,7 +40,7 @@ class TensorBoardTracker(Tracker):
 
     def start(self, cfg: DictConfig, run_dir: Path, state: dict, steps_per_epoch: int | None,
               epochs_done: int) -> None:
-        log_dir = Path(state.get("dir") or Path(run_dir) / "tensorboard" / self.label)
+        log_dir = Path(state.get("dir") or Path(run_dir).resolve() / "tensorboard" / self.label)
         state["dir"] = str(log_dir)
         self.last_epoch = epochs_done
         self.present = logged_epochs(log_dir) if state.get("started") else set()

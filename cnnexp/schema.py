@@ -122,7 +122,7 @@ class LoggerConfig:
     mlflow: bool = False  # one MLflow run per cnnexp run
     tracking_uri: str | None = None  # MLflow; null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment_name: str = "cnnexp"  # MLflow experiment the runs go into
-    log_model: bool = False  # MLflow: upload model.pt as an artifact too
+    log_model: bool = False  # MLflow: upload model.pt (and model_best.pt) as artifacts too
     log_figures: bool = True  # the final plots: TensorBoard images, MLflow artifacts
 
 

@@ -46,6 +46,8 @@ HTTP_DEFAULTS = {
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}  # others: FINISHED
 ARTIFACTS = ("metrics.csv", "per_class.csv", "confusion.csv", "run.json")
 PARENT_FILE = "mlflow_parent.json"
+# run.json fields logged once at the end, as the run's summary metrics.
+SUMMARY_PREFIXES = ("best_", "final_", "objective_value", "test_acc_at_best")
 BATCH = 100  # MLflow's limit of params per log_batch call
 
 
@@ -112,7 +114,7 @@ class MlflowTracker(Tracker):
     def finish(self, status: str, run_dir: Path) -> None:
         record = read_record(run_dir) or {}
         summary = {k: float(v) for k, v in record.items()
-                   if k.startswith(("best_", "final_", "objective_value", "test_acc_at_best")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   if k.startswith(SUMMARY_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)}
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
         for name in ARTIFACTS:
@@ -123,8 +125,9 @@ class MlflowTracker(Tracker):
                 self.client.log_artifact(self.run_id, str(run_dir / ".hydra" / name), "config")
         if self.log_figures and (run_dir / "plots").is_dir():
             self.client.log_artifacts(self.run_id, str(run_dir / "plots"), "plots")
-        if self.log_model and (run_dir / "model.pt").is_file():
-            self.client.log_artifact(self.run_id, str(run_dir / "model.pt"))
+        for weights in ("model.pt", "model_best.pt") if self.log_model else ():
+            if (run_dir / weights).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / weights))
         self._set_tags({"status": status})
         self.client.set_terminated(self.run_id, STATUS.get(status, "FINISHED"))
         self._end_parent()

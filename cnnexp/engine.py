@@ -226,11 +226,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer, train_size: int, batch_size: int, device: torch.device,
                  num_classes: int, cuda_graph: bool = True, nan_check_every: int = 200,
-                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, compiled: bool = False):
         self.model, self.optimizer = model, optimizer
         self.batch_size, self.device = batch_size, device
         self.steps_per_epoch = -(-train_size // batch_size)  # the last partial batch is kept
-        self.stepper = Stepper(model, optimizer, train_size, num_classes, batch_size, device, prepare)
+        stepper_class = Stepper
+        if compiled:  # the fused C++ step (cnnexp/kernels); same interface, same recorded logits
+            from cnnexp.kernels import CompiledStepper as stepper_class
+        self.stepper = stepper_class(model, optimizer, train_size, num_classes, batch_size, device, prepare)
         self.use_graph = cuda_graph and device.type == "cuda" and isinstance(optimizer, FlatSGD)
         self.graphed: GraphedStep | None = None
         # On a GPU a NaN check is a host sync: check once per epoch there.

@@ -128,7 +128,10 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
 
     try:
         with graceful_stop(flag):
-            result = train(cfg, run_dir, device, flag, checkpoint=checkpoint, observers=observers)
+            result = train(cfg, run_dir, device, flag, checkpoint=checkpoint, observers=observers,
+                           on_step_plan=lambda plan: record.update(cpu_step=plan,
+                                                                   threads={**record.data["threads"],
+                                                                            "train": plan["threads"]}))
         render_run(run_dir)
         fields = record_fields(selection.name, result.rows)
         if "selected_by" in fields:

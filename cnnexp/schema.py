@@ -101,9 +101,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     eval_batch_size: int = 1000
-    num_threads: int | None = None  # None: 1 for training at small batch, all cores for eval
+    num_threads: int | None = None  # None: training threads timed (autotune.py), all cores for eval
     fast_path: bool = True  # flat-buffer SGD; plain torch.optim when false
     cuda_graph: bool = True  # capture the train step in a CUDA graph on GPUs
+    cpu_step: str = "auto"  # auto (time the candidates, cache the fastest) | eager | compiled
     deterministic: bool = False
     lr_schedule: str = "constant"  # constant | cosine
     resume: str | None = None  # a run dir or a checkpoint file

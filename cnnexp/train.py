@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp import data as datasets
+from cnnexp.autotune import COMPILED, plan_cpu_step
 from cnnexp.checkpoint import CHECKPOINT_NAME, atomic_torch_save, restore_rng_states, rng_states
 from cnnexp.cores import cpu_budget
 from cnnexp.engine import Engine, EvalResult, FlatSGD, build_optimizer, cpu_settings, evaluate
@@ -129,7 +130,8 @@ class Progress:
 
 
 def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: Callable[[], int | None],
-          checkpoint: dict | None = None, observers: Observers | None = None) -> RunResult:
+          checkpoint: dict | None = None, observers: Observers | None = None,
+          on_step_plan: Callable[[dict], None] | None = None) -> RunResult:
     """Train according to cfg, writing metrics.csv, checkpoints and final outputs into run_dir.
 
     `checkpoint` (from trainer.resume) continues a run; `stop_requested`
@@ -146,6 +148,15 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     data = datasets.to_device(splits, cfg.data, device)
     del splits
 
+    batch_size = int(cfg.data.batch_size)
+    step_plan = None
+    if device.type == "cpu":  # time the candidate steps (or read the cached choice) on a real batch
+        step_plan = plan_cpu_step(model, optimizer_config(cfg.optim, quiet=True), t_cfg, data.train_x[:batch_size], data.train_y[:batch_size],
+                                  data.normalize, data.num_classes, cpu_budget(),
+                                  previous=checkpoint.get("step_plan") if checkpoint else None)
+        log.info("CPU step: %s (%s)", step_plan.label, step_plan.chosen_by)
+        if on_step_plan is not None:
+            on_step_plan(step_plan.as_record())
     capturable = device.type == "cuda" and t_cfg.cuda_graph
     try:
         optimizer = build_optimizer(optimizer_config(cfg.optim), model, fast_path=t_cfg.fast_path,
@@ -153,10 +164,10 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     except (TypeError, ValueError) as err:  # torch.optim checks its own values (eps < 0, ...)
         raise ConfigError(f"optim._target_={cfg.optim._target_!r} refused the optim.* keys: "
                           f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
-    batch_size = int(cfg.data.batch_size)
     n_train = data.train_x.shape[0]
     engine = Engine(model, optimizer, n_train, batch_size, device, num_classes=data.num_classes,
-                    cuda_graph=t_cfg.cuda_graph, prepare=data.normalize)
+                    cuda_graph=t_cfg.cuda_graph, prepare=data.normalize,
+                    compiled=step_plan is not None and step_plan.kernel == COMPILED)
     data_order = torch.Generator().manual_seed(int(t_cfg.seed))
 
     rows: list[dict] = []
@@ -178,9 +189,14 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     train_threads, eval_threads = thread_plan(t_cfg, batch_size)
     # oneDNN's convolution setup costs more than it saves at these sizes.
     onednn = None if device.type != "cpu" or not t_cfg.fast_path else False
+    train_onednn = onednn
+    if step_plan is not None:
+        train_threads, train_onednn = step_plan.threads, step_plan.onednn
     progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
                         show_loss=device.type == "cpu")
     step_kind = "flat SGD" if isinstance(optimizer, FlatSGD) else type(optimizer.optimizer).__name__
+    if step_plan is not None and step_plan.kernel == COMPILED:
+        step_kind += ", compiled step"
     if engine.use_graph:
         step_kind += " in a CUDA graph"
     log.info("Training %s on %s (%d train / %s%d test images, %d classes) for %d epochs on %s "
@@ -217,7 +233,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         first_step = start_step if epoch == start_epoch else 0
         progress.start(epoch, t_cfg.max_epochs, first_step)
         t0 = time.perf_counter() - (carried["seconds"] if carried else 0.0)
-        with cpu_settings(train_threads, onednn):
+        with cpu_settings(train_threads, train_onednn):
             result = engine.train_epoch(
                 data.train_x, data.train_y, perm, start_step=first_step,
                 prior_logits=carried["logits"] if carried else None,
@@ -236,7 +252,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         if signum is not None and result.steps < engine.steps_per_epoch:
             if t_cfg.checkpoint:
                 _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch - 1, result.steps,
-                                 order_state, engine, result, train_seconds, best_model)
+                                 order_state, engine, result, train_seconds, best_model, step_plan=step_plan)
             raise Interrupted(signum, epoch, result.steps, checkpointed=t_cfg.checkpoint)
 
         final_eval = evaluate_test_split()
@@ -263,7 +279,7 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             atomic_torch_save(best_model, run_dir / BEST_MODEL_FILE)
         if t_cfg.checkpoint:
             _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epoch, 0, None, None, None, 0.0,
-                             best_model)
+                             best_model, step_plan=step_plan)
         metrics.append(row)
         val_text = f"  val_acc {row['val_acc']:.4f}" if has_val else ""
         log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f%s  test_loss %.4f  test_acc %.4f  (%.1f s)",
@@ -284,7 +300,7 @@ def _cpu_state(model: torch.nn.Module) -> dict:
 
 
 def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_done, step, order_state, engine,
-                     result, train_seconds, best_model=None) -> None:
+                     result, train_seconds, best_model=None, step_plan=None) -> None:
     """epochs_done completed epochs; a non-zero step marks a stop inside the next epoch."""
     rng = rng_states(data_order)
     partial = None
@@ -302,6 +318,7 @@ def _save_checkpoint(run_dir, cfg, model, optimizer, data_order, rows, epochs_do
         "metrics": list(rows),
         "partial": partial,
         "best_model": best_model,
+        "step_plan": step_plan.as_record() if step_plan is not None else None,  # a resumed run steps alike
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_torch_save(state, run_dir / CHECKPOINT_NAME)
@@ -312,7 +329,7 @@ def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list
     resumed = OmegaConf.create(saved)
     resumed.trainer.resume = current.trainer.resume
     changeable = ("max_epochs", "device", "num_threads", "progress", "log_every_steps", "eval_batch_size",
-                  "objective")  # what a sweeper hears, not how the run trains
+                  "objective", "cpu_step")  # objective: what a sweeper hears, not how the run trains
     for override in explicit_overrides:
         key = override.lstrip("+~").partition("=")[0]
         if key.startswith("hydra") or key == "trainer.resume":

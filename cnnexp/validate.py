@@ -45,6 +45,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(trainer.eval_batch_size >= 1, "trainer.eval_batch_size", trainer.eval_batch_size, "must be >= 1")
     _require(trainer.num_threads is None or trainer.num_threads >= 1, "trainer.num_threads", trainer.num_threads,
              "null (automatic) or >= 1")
+    _require(trainer.get("cpu_step", "auto") in ("auto", "eager", "compiled"), "trainer.cpu_step",
+             trainer.get("cpu_step"), "use auto, eager or compiled")
     _require(trainer.lr_schedule in ("constant", "cosine"), "trainer.lr_schedule", trainer.lr_schedule,
              "use constant or cosine")
     _require(trainer.progress in ("auto", "bar", "log", "none"), "trainer.progress", trainer.progress,

@@ -130,3 +130,151 @@ def test_cuda_graph_replays_the_eager_step():
     assert graphed.loss_sum == pytest.approx(eager.loss_sum, rel=1e-5)
     for a, b in zip(eager_params, graphed_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- the compiled step
+@pytest.fixture(scope="session")
+def compiled_library():
+    """Build the compiled step once for the whole session (the first build takes seconds)."""
+    from cnnexp.kernels.build import BuildError, compiler, load
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the compiled step falls back to eager")
+    try:
+        return load()
+    except BuildError as err:
+        pytest.skip(f"the compiled step does not build here: {err}")
+
+
+class PaddedNet(torch.nn.Sequential):
+    """Another shape the compiled step takes: padded 3x3 convolutions, two in a
+    row, a conv without pooling, odd pooled sizes, Linear without bias."""
+
+    def __init__(self):
+        super().__init__(
+            torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(5, 7, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(7, 9, 4), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
+            torch.nn.Flatten(), torch.nn.Linear(9 * 6 * 6, 33, bias=False), torch.nn.ReLU(),
+            torch.nn.Linear(33, 10))
+
+
+def train_both(model_class, sgd, n=398, batch_size=4, epochs=1, lrs=None):
+    """Train the same start eagerly and compiled on the same uint8 batches; 398
+    images at batch 4 is 100 steps, the last one of 2 images."""
+    from cnnexp.data import Normalizer
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    start = model_class()
+    out = {}
+    for compiled in (False, True):
+        model = copy.deepcopy(start)
+        optimizer = FlatSGD(model, **sgd)
+        engine = Engine(model, optimizer, n, batch_size, torch.device("cpu"), num_classes=10,
+                        prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), compiled=compiled)
+        for epoch in range(epochs):
+            if lrs:
+                optimizer.set_lr(lrs[epoch])
+            result = engine.train_epoch(data, labels, torch.randperm(n, generator=torch.Generator().manual_seed(epoch)))
+        out[compiled] = (model, result, engine.stepper.logits.clone())
+    return out[False], out[True]
+
+
+SGD_SETTINGS = [dict(lr=0.01, momentum=0.9), dict(lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True),
+                dict(lr=0.03, momentum=0.0)]
+
+
+@pytest.mark.parametrize("sgd", SGD_SETTINGS)
+@pytest.mark.parametrize(("model_class", "lr_scale"), [(TutorialCNN, 1.0), (PaddedNet, 0.3)])
+def test_compiled_step_matches_the_eager_step(compiled_library, model_class, lr_scale, sgd):
+    # The deeper PaddedNet at lr 0.01 is chaotic: any two float32 summation
+    # orders (eager with and without oneDNN, too) part by ~1e-3 within 100
+    # steps, so it is held to the same bound at a lower learning rate.
+    sgd = {**sgd, "lr": sgd["lr"] * lr_scale}
+    (eager, eager_result, eager_logits), (fused, fused_result, fused_logits) = train_both(model_class, sgd)
+    assert fused_result.steps == eager_result.steps == 100
+    for (name, a), b in zip(eager.state_dict().items(), fused.state_dict().values()):
+        assert not torch.equal(a, model_class().state_dict()[name])  # both really trained
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    assert fused_result.correct == eager_result.correct
+    assert fused_result.loss_sum == pytest.approx(eager_result.loss_sum, rel=1e-5)
+
+
+def test_compiled_step_follows_a_learning_rate_schedule(compiled_library):
+    (eager, *_), (fused, *_) = train_both(TutorialCNN, dict(lr=0.01, momentum=0.9), n=80, epochs=3,
+                                           lrs=[0.02, 0.01, 0.0])
+    for a, b in zip(eager.parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_epoch_stopped_and_resumed_equals_an_uninterrupted_one(compiled_library):
+    from cnnexp.data import Normalizer
+
+    torch.manual_seed(0)
+    n = 90
+    data, labels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,))
+    perm, start = torch.randperm(n), TutorialCNN()
+
+    def engine_for(model):
+        return Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), n, 4, torch.device("cpu"), num_classes=10,
+                      prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), compiled=True)
+
+    whole_model = copy.deepcopy(start)
+    whole = engine_for(whole_model).train_epoch(data, labels, perm)
+    first_model = copy.deepcopy(start)
+    first_engine = engine_for(first_model)
+    stops = iter(range(1000))
+    part = first_engine.train_epoch(data, labels, perm, should_stop=lambda: next(stops) == 9)
+    assert part.steps == 10
+    resumed_model = copy.deepcopy(first_model)  # as a checkpoint would carry it
+    resumed_engine = engine_for(resumed_model)
+    resumed_engine.optimizer.load_state_dict(first_engine.optimizer.state_dict())
+    rest = resumed_engine.train_epoch(data, labels, perm, start_step=10,
+                                      prior_logits=first_engine.stepper.logits[: part.samples].clone())
+    assert (rest.steps, rest.samples, rest.correct, rest.loss_sum) == (whole.steps, whole.samples, whole.correct,
+                                                                       whole.loss_sum)
+    for a, b in zip(whole_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_compiled_step_reports_a_nan_at_its_step(compiled_library):
+    torch.manual_seed(0)
+    model = TutorialCNN()
+    data, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    data[17] = float("nan")  # sample 17 lands in step 5 (0-based 4) in order
+    engine = Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), 40, 4, torch.device("cpu"), num_classes=10,
+                    nan_check_every=3, compiled=True)
+    result = engine.train_epoch(data, labels, torch.arange(40))
+    assert result.first_bad_step == 4
+    assert result.steps < 10
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (lambda: WideCNN(width=4), "BatchNorm2d"),
+    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 15 * 15, 10)), "stride"),
+    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 15 * 15, 10)), "AvgPool2d"),
+    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(3), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 10 * 10, 10)), "MaxPool2d(2)"),
+])
+def test_models_outside_the_compiled_layers_say_why(model, reason):
+    from cnnexp.kernels import unsupported_reason
+
+    assert reason in unsupported_reason(model(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_other_optimisers_and_no_compiler_fall_back_with_a_reason(monkeypatch):
+    from cnnexp.autotune import compiled_step_problem
+    from cnnexp.kernels import build
+
+    batch = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    adam = OmegaConf.create({"_target_": "torch.optim.Adam", "lr": 0.01})
+    assert "torch.optim.Adam" in compiled_step_problem(TutorialCNN(), adam, flat_sgd=False, x=batch)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(build.BuildError, match="no C.. compiler"):
+        build.load.__wrapped__()

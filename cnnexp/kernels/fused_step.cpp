@@ -1,0 +1,521 @@
+// One whole SGD training step of a small CNN (Conv2d / ReLU / MaxPool2d(2) /
+// flatten / Linear, softmax cross-entropy), forward, backward and update, in
+// one call. At batch 4 PyTorch spends most of a step on per-operator cost and
+// generic kernels; here every layer runs as a plain loop nest over buffers
+// allocated once, sized for these shapes.
+//
+// Layout: activations are NCHW float, compact, with zeroed slack at the end so
+// that vector loads may run past a plane. A convolution (stride 1) is computed
+// "full width": output position p = oh * Wp + ow for every ow < Wp, so the
+// input for tap (ci, kh, kw) is the input at p + ci*Hp*Wp + kh*Wp + kw, one
+// contiguous run for the whole output plane. The columns ow >= OW are garbage
+// and are dropped when the output is compacted (their gradient is zero).
+// Register-blocked loops use GCC vector extensions, so the compiler emits
+// AVX-512, AVX2 or SSE from the same source (-march=native).
+//
+// Built and loaded by cnnexp/kernels/build.py; called through ctypes.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr int CB = 4;  // output channels per register block
+constexpr int NB = 4;  // vectors of positions per register block
+constexpr int TB = 4;  // taps per weight-gradient block
+#elif defined(__AVX__)
+constexpr int VL = 8;
+constexpr int CB = 3;
+constexpr int NB = 3;
+constexpr int TB = 3;
+#else
+constexpr int VL = 4;
+constexpr int CB = 3;
+constexpr int NB = 3;
+constexpr int TB = 3;
+#endif
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+
+static inline vf ld(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline vf splat(float s) { return vf{} + s; }
+static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+enum { CONV = 1, RELU = 2, POOL = 3, FLAT = 4, LINEAR = 5 };
+constexpr int SPEC_HEADER = 6, SPEC_LAYER = 8, SLACK = 8192;
+
+static float* zalloc(size_t n) {
+    float* p = static_cast<float*>(std::aligned_alloc(64, round_up((int)((n + SLACK) * 4), 64)));
+    std::memset(p, 0, (n + SLACK) * 4);
+    return p;
+}
+
+struct Layer {
+    int type, cin, cout, k, pad, w_off, b_off;
+    int C, H, W;          // input shape
+    int OC, OH, OW;       // output shape
+    // convolution geometry
+    int Hp, Wp, P, Pr, Q, Qr, FP, GS, T;
+    std::vector<int> off;  // input offset of each tap (ci, kh, kw)
+    float *xpad = nullptr, *full = nullptr, *gfull = nullptr, *gin_full = nullptr;
+    int32_t* argmax = nullptr;
+};
+
+struct Net {
+    int nmax, C, H, W, classes;
+    std::vector<Layer> layers;
+    std::vector<float*> act, gact;  // act[i] is layer i's input; act.back() the logits
+    std::vector<int> size;          // floats per image of act[i]
+    float *params, *grads, *mom;
+    long nparams;
+};
+
+// ------------------------------------------------------------------ convolution
+template <int C_, int N_>
+static inline void conv_fwd_block(const float* in, const int* off, int T, const float* w, const float* bias,
+                                  float* out, int PS, int j) {
+    vf acc[C_][N_];
+    for (int c = 0; c < C_; c++)
+        for (int r = 0; r < N_; r++) acc[c][r] = splat(bias ? bias[c] : 0.0f);
+    for (int t = 0; t < T; t++) {
+        const float* s = in + off[t] + j;
+        vf x[N_];
+        for (int r = 0; r < N_; r++) x[r] = ld(s + r * VL);
+        for (int c = 0; c < C_; c++) {
+            float wv = w[c * T + t];
+            for (int r = 0; r < N_; r++) acc[c][r] += wv * x[r];
+        }
+    }
+    for (int c = 0; c < C_; c++)
+        for (int r = 0; r < N_; r++) st(out + c * PS + j + r * VL, acc[c][r]);
+}
+
+// out[c][j..] for the channels [0, cb) of a block, nb vectors at j
+template <int C_>
+static void conv_fwd_nb(int nb, const float* in, const int* off, int T, const float* w, const float* bias,
+                        float* out, int PS, int j) {
+    switch (nb) {
+        case 1: conv_fwd_block<C_, 1>(in, off, T, w, bias, out, PS, j); break;
+        case 2: conv_fwd_block<C_, 2>(in, off, T, w, bias, out, PS, j); break;
+        case 3: conv_fwd_block<C_, 3>(in, off, T, w, bias, out, PS, j); break;
+        default: conv_fwd_block<C_, NB>(in, off, T, w, bias, out, PS, j); break;
+    }
+}
+
+static void conv_fwd_any(int cb, int nb, const float* in, const int* off, int T, const float* w, const float* bias,
+                         float* out, int PS, int j) {
+    switch (cb) {
+        case 1: conv_fwd_nb<1>(nb, in, off, T, w, bias, out, PS, j); break;
+        case 2: conv_fwd_nb<2>(nb, in, off, T, w, bias, out, PS, j); break;
+        case 3: conv_fwd_nb<3>(nb, in, off, T, w, bias, out, PS, j); break;
+        default: conv_fwd_nb<CB>(nb, in, off, T, w, bias, out, PS, j); break;
+    }
+}
+
+static void conv_forward(Net& net, Layer& L, const float* x, float* y, int n) {
+    const float* w = net.params + L.w_off;
+    const float* b = L.b_off >= 0 ? net.params + L.b_off : nullptr;
+    for (int i = 0; i < n; i++) {
+        const float* in = x + (long)i * L.C * L.H * L.W;
+        if (L.pad) {
+            float* xp = L.xpad + (long)i * L.C * L.Hp * L.Wp;
+            for (int c = 0; c < L.C; c++)
+                for (int h = 0; h < L.H; h++)
+                    std::memcpy(xp + c * L.Hp * L.Wp + (h + L.pad) * L.Wp + L.pad, in + (c * L.H + h) * L.W,
+                                L.W * 4);
+            in = xp;
+        }
+        float* full = L.full + (long)i * L.cout * L.Pr;
+        for (int co = 0; co < L.cout; co += CB) {
+            int cb = L.cout - co < CB ? L.cout - co : CB;
+            for (int j = 0; j < L.Pr; j += NB * VL) {
+                int nb = (L.Pr - j) / VL < NB ? (L.Pr - j) / VL : NB;
+                conv_fwd_any(cb, nb, in, L.off.data(), L.T, w + co * L.T, b ? b + co : nullptr,
+                             full + co * L.Pr, L.Pr, j);
+            }
+        }
+        float* out = y + (long)i * L.cout * L.OH * L.OW;
+        for (int co = 0; co < L.cout; co++)
+            for (int oh = 0; oh < L.OH; oh++)
+                std::memcpy(out + (co * L.OH + oh) * L.OW, full + co * L.Pr + oh * L.Wp, L.OW * 4);
+    }
+}
+
+// gradient of the weights for channels [co, co+C_) and taps [t0, t0+T_)
+template <int C_, int T_>
+static void conv_wgrad_block(const Layer& L, const float* x, int n, int co, int t0, float* gw) {
+    vf acc[C_][T_];
+    for (int c = 0; c < C_; c++)
+        for (int t = 0; t < T_; t++) acc[c][t] = vf{};
+    for (int i = 0; i < n; i++) {
+        const float* in = L.pad ? L.xpad + (long)i * L.C * L.Hp * L.Wp : x + (long)i * L.C * L.H * L.W;
+        const float* g = L.gfull + ((long)i * L.cout + co) * L.GS + L.FP;
+        const float* s[T_];
+        for (int t = 0; t < T_; t++) s[t] = in + L.off[t0 + t];
+        for (int p = 0; p < L.Pr; p += VL) {
+            vf gv[C_], xv[T_];
+            for (int c = 0; c < C_; c++) gv[c] = ld(g + c * L.GS + p);
+            for (int t = 0; t < T_; t++) xv[t] = ld(s[t] + p);
+            for (int c = 0; c < C_; c++)
+                for (int t = 0; t < T_; t++) acc[c][t] += gv[c] * xv[t];
+        }
+    }
+    for (int c = 0; c < C_; c++)
+        for (int t = 0; t < T_; t++) gw[(co + c) * L.T + t0 + t] = hsum(acc[c][t]);
+}
+
+template <int C_>
+static void conv_wgrad_tb(int tb, const Layer& L, const float* x, int n, int co, int t0, float* gw) {
+    switch (tb) {
+        case 1: conv_wgrad_block<C_, 1>(L, x, n, co, t0, gw); break;
+        case 2: conv_wgrad_block<C_, 2>(L, x, n, co, t0, gw); break;
+        case 3: conv_wgrad_block<C_, 3>(L, x, n, co, t0, gw); break;
+        default: conv_wgrad_block<C_, TB>(L, x, n, co, t0, gw); break;
+    }
+}
+
+// gradient of the (padded) input for channels [ci, ci+C_), N_ vectors at q
+template <int C_, int N_>
+static void conv_dgrad_block(const Layer& L, const float* w, const float* g, float* gin, int ci, int q) {
+    vf acc[C_][N_];
+    for (int c = 0; c < C_; c++)
+        for (int r = 0; r < N_; r++) acc[c][r] = vf{};
+    const int kk = L.k * L.k;
+    for (int co = 0; co < L.cout; co++) {
+        const float* gp = g + (long)co * L.GS + L.FP + q;
+        const float* wp = w + (long)co * L.T + ci * kk;
+        for (int kh = 0; kh < L.k; kh++)
+            for (int kw = 0; kw < L.k; kw++) {
+                const float* s = gp - (kh * L.Wp + kw);
+                vf gv[N_];
+                for (int r = 0; r < N_; r++) gv[r] = ld(s + r * VL);
+                for (int c = 0; c < C_; c++) {
+                    float wv = wp[c * kk + kh * L.k + kw];
+                    for (int r = 0; r < N_; r++) acc[c][r] += wv * gv[r];
+                }
+            }
+    }
+    for (int c = 0; c < C_; c++)
+        for (int r = 0; r < N_; r++) st(gin + (long)(ci + c) * L.Qr + q + r * VL, acc[c][r]);
+}
+
+template <int C_>
+static void conv_dgrad_nb(int nb, const Layer& L, const float* w, const float* g, float* gin, int ci, int q) {
+    switch (nb) {
+        case 1: conv_dgrad_block<C_, 1>(L, w, g, gin, ci, q); break;
+        case 2: conv_dgrad_block<C_, 2>(L, w, g, gin, ci, q); break;
+        case 3: conv_dgrad_block<C_, 3>(L, w, g, gin, ci, q); break;
+        default: conv_dgrad_block<C_, NB>(L, w, g, gin, ci, q); break;
+    }
+}
+
+static void conv_backward(Net& net, Layer& L, const float* x, const float* gy, float* gx, int n) {
+    const float* w = net.params + L.w_off;
+    float* gw = net.grads + L.w_off;
+    // The output gradient, full width, garbage columns and borders zero.
+    for (int i = 0; i < n; i++)
+        for (int co = 0; co < L.cout; co++) {
+            float* g = L.gfull + ((long)i * L.cout + co) * L.GS + L.FP;
+            const float* src = gy + ((long)i * L.cout + co) * L.OH * L.OW;
+            for (int oh = 0; oh < L.OH; oh++) std::memcpy(g + oh * L.Wp, src + oh * L.OW, L.OW * 4);
+        }
+    if (L.b_off >= 0) {
+        float* gb = net.grads + L.b_off;
+        const int plane = L.OH * L.OW;
+        for (int co = 0; co < L.cout; co++) {
+            float s = 0;
+            for (int i = 0; i < n; i++) {
+                const float* src = gy + ((long)i * L.cout + co) * plane;
+                for (int p = 0; p < plane; p++) s += src[p];
+            }
+            gb[co] = s;
+        }
+    }
+    for (int co = 0; co < L.cout; co += CB) {
+        int cb = L.cout - co < CB ? L.cout - co : CB;
+        for (int t0 = 0; t0 < L.T; t0 += TB) {
+            int tb = L.T - t0 < TB ? L.T - t0 : TB;
+            switch (cb) {
+                case 1: conv_wgrad_tb<1>(tb, L, x, n, co, t0, gw); break;
+                case 2: conv_wgrad_tb<2>(tb, L, x, n, co, t0, gw); break;
+                case 3: conv_wgrad_tb<3>(tb, L, x, n, co, t0, gw); break;
+                default: conv_wgrad_tb<CB>(tb, L, x, n, co, t0, gw); break;
+            }
+        }
+    }
+    if (!gx) return;
+    for (int i = 0; i < n; i++) {
+        const float* g = L.gfull + (long)i * L.cout * L.GS;
+        float* gin = L.gin_full;
+        for (int ci = 0; ci < L.cin; ci += CB) {
+            int cb = L.cin - ci < CB ? L.cin - ci : CB;
+            for (int q = 0; q < L.Qr; q += NB * VL) {
+                int nb = (L.Qr - q) / VL < NB ? (L.Qr - q) / VL : NB;
+                switch (cb) {
+                    case 1: conv_dgrad_nb<1>(nb, L, w, g, gin, ci, q); break;
+                    case 2: conv_dgrad_nb<2>(nb, L, w, g, gin, ci, q); break;
+                    case 3: conv_dgrad_nb<3>(nb, L, w, g, gin, ci, q); break;
+                    default: conv_dgrad_nb<CB>(nb, L, w, g, gin, ci, q); break;
+                }
+            }
+        }
+        float* dst = gx + (long)i * L.C * L.H * L.W;
+        for (int c = 0; c < L.C; c++)
+            for (int h = 0; h < L.H; h++)
+                std::memcpy(dst + (c * L.H + h) * L.W, gin + (long)c * L.Qr + (h + L.pad) * L.Wp + L.pad, L.W * 4);
+    }
+}
+
+// ------------------------------------------------------------------ the other layers
+static void relu_forward(const float* x, float* y, long m) {
+    for (long i = 0; i < m; i++) y[i] = x[i] < 0.0f ? 0.0f : x[i];  // NaN passes, as in torch
+}
+
+static void relu_backward(const float* y, const float* gy, float* gx, long m) {
+    for (long i = 0; i < m; i++) gx[i] = y[i] > 0.0f ? gy[i] : 0.0f;
+}
+
+static void pool_forward(const Layer& L, const float* x, float* y, int n) {
+    const int planes = n * L.C;
+    for (int pl = 0; pl < planes; pl++) {
+        const float* in = x + (long)pl * L.H * L.W;
+        float* out = y + (long)pl * L.OH * L.OW;
+        int32_t* am = L.argmax + (long)pl * L.OH * L.OW;
+        for (int oh = 0; oh < L.OH; oh++)
+            for (int ow = 0; ow < L.OW; ow++) {
+                // torch's rule: the first maximum in scan order; a NaN wins
+                int best = (2 * oh) * L.W + 2 * ow;
+                float m = -INFINITY;
+                for (int dh = 0; dh < 2; dh++)
+                    for (int dw = 0; dw < 2; dw++) {
+                        int idx = (2 * oh + dh) * L.W + 2 * ow + dw;
+                        float v = in[idx];
+                        if (v > m || std::isnan(v)) { m = v; best = idx; }
+                    }
+                out[oh * L.OW + ow] = m;
+                am[oh * L.OW + ow] = best;
+            }
+    }
+}
+
+static void pool_backward(const Layer& L, const float* gy, float* gx, int n) {
+    std::memset(gx, 0, (size_t)n * L.C * L.H * L.W * 4);
+    const int planes = n * L.C, outs = L.OH * L.OW;
+    for (int pl = 0; pl < planes; pl++) {
+        float* g = gx + (long)pl * L.H * L.W;
+        const int32_t* am = L.argmax + (long)pl * outs;
+        const float* src = gy + (long)pl * outs;
+        for (int o = 0; o < outs; o++) g[am[o]] += src[o];
+    }
+}
+
+static void linear_forward(Net& net, const Layer& L, const float* x, float* y, int n) {
+    const float* w = net.params + L.w_off;
+    const float* b = L.b_off >= 0 ? net.params + L.b_off : nullptr;
+    const int I = L.cin, O = L.cout, Iv = I / VL * VL;
+    for (int o = 0; o < O; o++) {
+        const float* wr = w + (long)o * I;
+        for (int i = 0; i < n; i++) {
+            const float* xr = x + (long)i * I;
+            vf acc = vf{};
+            for (int j = 0; j < Iv; j += VL) acc += ld(wr + j) * ld(xr + j);
+            float s = hsum(acc);
+            for (int j = Iv; j < I; j++) s += wr[j] * xr[j];
+            y[(long)i * O + o] = s + (b ? b[o] : 0.0f);
+        }
+    }
+}
+
+static void linear_backward(Net& net, const Layer& L, const float* x, const float* gy, float* gx, int n) {
+    const float* w = net.params + L.w_off;
+    float* gw = net.grads + L.w_off;
+    const int I = L.cin, O = L.cout;
+    for (int o = 0; o < O; o++) {
+        float* __restrict gr = gw + (long)o * I;
+        const float g0 = gy[o];
+        const float* __restrict x0 = x;
+        for (int j = 0; j < I; j++) gr[j] = g0 * x0[j];
+        for (int i = 1; i < n; i++) {
+            const float gi = gy[(long)i * O + o];
+            const float* __restrict xi = x + (long)i * I;
+            for (int j = 0; j < I; j++) gr[j] += gi * xi[j];
+        }
+    }
+    if (L.b_off >= 0) {
+        float* gb = net.grads + L.b_off;
+        for (int o = 0; o < O; o++) {
+            float s = 0;
+            for (int i = 0; i < n; i++) s += gy[(long)i * O + o];
+            gb[o] = s;
+        }
+    }
+    if (!gx) return;
+    for (int i = 0; i < n; i++) {
+        float* __restrict d = gx + (long)i * I;
+        std::memset(d, 0, I * 4);
+        for (int o = 0; o < O; o++) {
+            const float g = gy[(long)i * O + o];
+            const float* __restrict wr = w + (long)o * I;
+            for (int j = 0; j < I; j++) d[j] += g * wr[j];
+        }
+    }
+}
+
+// softmax cross-entropy, mean over the batch: gradient (softmax - onehot) / n
+static void loss_backward(const float* z, const int64_t* y, float* g, int n, int K) {
+    for (int i = 0; i < n; i++) {
+        const float* zr = z + (long)i * K;
+        float* gr = g + (long)i * K;
+        float m = zr[0];
+        for (int c = 1; c < K; c++) m = zr[c] > m ? zr[c] : m;
+        float s = 0;
+        for (int c = 0; c < K; c++) { gr[c] = std::exp(zr[c] - m); s += gr[c]; }
+        const float inv = 1.0f / s;
+        for (int c = 0; c < K; c++) gr[c] = (gr[c] * inv - (c == y[i] ? 1.0f : 0.0f)) / n;
+    }
+}
+
+// ------------------------------------------------------------------ the step
+extern "C" {
+
+int cnx_vector_width() { return VL; }
+
+// spec: [version, n_layers, nmax, C, H, W] then n_layers x [type, a, b, c, d, e, f, g]
+void* cnx_create(const int* spec, float* params, float* grads, float* mom, long nparams) {
+    if (spec[0] != 1) return nullptr;
+    Net* net = new Net();
+    const int nl = spec[1];
+    net->nmax = spec[2]; net->C = spec[3]; net->H = spec[4]; net->W = spec[5];
+    net->params = params; net->grads = grads; net->mom = mom; net->nparams = nparams;
+    int C = net->C, H = net->H, W = net->W;
+    net->size.push_back(C * H * W);
+    for (int li = 0; li < nl; li++) {
+        const int* s = spec + SPEC_HEADER + li * SPEC_LAYER;
+        Layer L{};
+        L.type = s[0]; L.C = C; L.H = H; L.W = W;
+        L.OC = C; L.OH = H; L.OW = W;
+        if (L.type == CONV) {
+            L.cin = s[1]; L.cout = s[2]; L.k = s[3]; L.pad = s[4]; L.w_off = s[5]; L.b_off = s[6];
+            L.Hp = H + 2 * L.pad; L.Wp = W + 2 * L.pad;
+            L.OC = L.cout; L.OH = L.Hp - L.k + 1; L.OW = L.Wp - L.k + 1;
+            L.P = L.OH * L.Wp; L.Pr = round_up(L.P, VL);
+            L.Q = L.Hp * L.Wp; L.Qr = round_up(L.Q, VL);
+            L.FP = round_up((L.k - 1) * L.Wp + L.k - 1, VL);
+            L.GS = L.FP + (L.Qr > L.Pr ? L.Qr : L.Pr) + NB * VL;
+            L.T = L.cin * L.k * L.k;
+            for (int ci = 0; ci < L.cin; ci++)
+                for (int kh = 0; kh < L.k; kh++)
+                    for (int kw = 0; kw < L.k; kw++) L.off.push_back(ci * L.Hp * L.Wp + kh * L.Wp + kw);
+            if (L.pad) L.xpad = zalloc((size_t)net->nmax * L.cin * L.Hp * L.Wp);
+            L.full = zalloc((size_t)net->nmax * L.cout * L.Pr);
+            L.gfull = zalloc((size_t)net->nmax * L.cout * L.GS);
+            L.gin_full = zalloc((size_t)L.cin * L.Qr);
+        } else if (L.type == POOL) {
+            L.OH = H / 2; L.OW = W / 2;
+            L.argmax = static_cast<int32_t*>(std::calloc((size_t)net->nmax * C * L.OH * L.OW + SLACK, 4));
+        } else if (L.type == FLAT) {
+            L.OC = C * H * W; L.OH = 1; L.OW = 1;
+        } else if (L.type == LINEAR) {
+            L.cin = s[1]; L.cout = s[2]; L.w_off = s[3]; L.b_off = s[4];
+            L.OC = L.cout; L.OH = 1; L.OW = 1;
+        } else if (L.type != RELU) {
+            delete net;
+            return nullptr;
+        }
+        C = L.OC; H = L.OH; W = L.OW;
+        net->layers.push_back(L);
+        net->size.push_back(C * H * W);
+    }
+    net->classes = C * H * W;
+    for (int sz : net->size) {
+        net->act.push_back(zalloc((size_t)net->nmax * sz));
+        net->gact.push_back(zalloc((size_t)net->nmax * sz));
+    }
+    return net;
+}
+
+void cnx_destroy(void* handle) {
+    Net* net = static_cast<Net*>(handle);
+    for (auto& L : net->layers) {
+        std::free(L.xpad); std::free(L.full); std::free(L.gfull); std::free(L.gin_full); std::free(L.argmax);
+    }
+    for (float* p : net->act) std::free(p);
+    for (float* p : net->gact) std::free(p);
+    delete net;
+}
+
+// One step on n <= nmax images. x is uint8 (normalised here as (x - shift) / scale
+// per channel, as cnnexp.data.Normalizer does) or float32 already normalised.
+// The logits go to `logits`; the parameters, gradients and momentum buffer are
+// updated in place (torch.optim.SGD's rule, dampening 0).
+void cnx_step(void* handle, const void* x, int x_is_uint8, const float* shift, const float* scale,
+              const int64_t* y, int n, float* logits, float lr, float momentum, float weight_decay, int nesterov) {
+    Net& net = *static_cast<Net*>(handle);
+    const int plane = net.H * net.W, m0 = net.size[0];
+    float* a0 = net.act[0];
+    if (x_is_uint8) {
+        const uint8_t* u = static_cast<const uint8_t*>(x);
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < net.C; c++) {
+                const long base = (long)i * m0 + (long)c * plane;
+                const float sh = shift[c], sc = scale[c];
+                for (int p = 0; p < plane; p++) a0[base + p] = ((float)u[base + p] - sh) / sc;
+            }
+    } else {
+        std::memcpy(a0, x, (size_t)n * m0 * 4);
+    }
+    const int nl = (int)net.layers.size();
+    for (int li = 0; li < nl; li++) {
+        Layer& L = net.layers[li];
+        const float* in = net.act[li];
+        float* out = net.act[li + 1];
+        switch (L.type) {
+            case CONV: conv_forward(net, L, in, out, n); break;
+            case RELU: relu_forward(in, out, (long)n * net.size[li]); break;
+            case POOL: pool_forward(L, in, out, n); break;
+            case FLAT: std::memcpy(out, in, (size_t)n * net.size[li] * 4); break;
+            case LINEAR: linear_forward(net, L, in, out, n); break;
+        }
+    }
+    const float* z = net.act[nl];
+    std::memcpy(logits, z, (size_t)n * net.classes * 4);
+    loss_backward(z, y, net.gact[nl], n, net.classes);
+    for (int li = nl - 1; li >= 0; li--) {
+        Layer& L = net.layers[li];
+        const float* gy = net.gact[li + 1];
+        float* gx = li > 0 ? net.gact[li] : nullptr;  // the input needs no gradient
+        switch (L.type) {
+            case CONV: conv_backward(net, L, net.act[li], gy, gx, n); break;
+            case RELU: if (gx) relu_backward(net.act[li + 1], gy, gx, (long)n * net.size[li]); break;
+            case POOL: if (gx) pool_backward(L, gy, gx, n); break;
+            case FLAT: if (gx) std::memcpy(gx, gy, (size_t)n * net.size[li] * 4); break;
+            case LINEAR: linear_backward(net, L, net.act[li], gy, gx, n); break;
+        }
+    }
+    float* __restrict p = net.params;
+    const float* __restrict g = net.grads;
+    float* __restrict b = net.mom;
+    const long m = net.nparams;
+    const float wd = weight_decay, mu = momentum;
+    if (b && nesterov) {
+        for (long i = 0; i < m; i++) {
+            const float d = g[i] + wd * p[i];
+            b[i] = mu * b[i] + d;
+            p[i] -= lr * (d + mu * b[i]);
+        }
+    } else if (b) {
+        for (long i = 0; i < m; i++) {
+            b[i] = mu * b[i] + (g[i] + wd * p[i]);
+            p[i] -= lr * b[i];
+        }
+    } else {
+        for (long i = 0; i < m; i++) p[i] -= lr * (g[i] + wd * p[i]);
+    }
+}
+
+}  // extern "C"

@@ -189,9 +189,10 @@ SGD_SETTINGS = [dict(lr=0.01, momentum=0.9), dict(lr=0.01, momentum=0.9, weight_
 @pytest.mark.parametrize("sgd", SGD_SETTINGS)
 @pytest.mark.parametrize(("model_class", "lr_scale"), [(TutorialCNN, 1.0), (PaddedNet, 0.3)])
 def test_compiled_step_matches_the_eager_step(compiled_library, model_class, lr_scale, sgd):
-    # The deeper PaddedNet at lr 0.01 is chaotic: any two float32 summation
-    # orders (eager with and without oneDNN, too) part by ~1e-3 within 100
-    # steps, so it is held to the same bound at a lower learning rate.
+    # At lr 0.01, step 58 of the PaddedNet run meets a max-pooling window whose
+    # two largest values are one rounding step apart: any other summation
+    # order may route that gradient to the other pixel, and the paths part from
+    # there. At 0.3x the learning rate no such near-tie occurs.
     sgd = {**sgd, "lr": sgd["lr"] * lr_scale}
     (eager, eager_result, eager_logits), (fused, fused_result, fused_logits) = train_both(model_class, sgd)
     assert fused_result.steps == eager_result.steps == 100

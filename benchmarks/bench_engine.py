@@ -2,7 +2,12 @@
 
     nox -s bench                       # or: python benchmarks/bench_engine.py
     python benchmarks/bench_engine.py --steps 3000 --repeats 7
+    python benchmarks/bench_engine.py --data-root PATH/cifar10-jpeg   # + one real epoch, start-up
     python benchmarks/bench_engine.py --device cuda     # eager against CUDA graph
+
+On the CPU three training steps run side by side: the tutorial loop, the
+eager engine and the compiled step (cnnexp/kernels), and the report names the
+CPU and the step the auto-tuner picks for this machine.
 
 Both sides train the same tutorial CNN on the same CIFAR-shaped synthetic
 images (uint8, as the CIFAR-10 batches hold them), batch 4, SGD lr 0.001
@@ -95,11 +100,12 @@ def reference_eval(model, loader) -> float:
     return time.perf_counter() - start
 
 
-def cnnexp_train(model, x, y, steps: int, device: torch.device, cuda_graph: bool = True) -> float:
+def cnnexp_train(model, x, y, steps: int, device: torch.device, cuda_graph: bool = True,
+                 compiled: bool = False) -> float:
     """x: uint8 images on the device, normalised inside the step as in a real run."""
     optimizer = FlatSGD(model, lr=0.001, momentum=0.9, capturable=device.type == "cuda" and cuda_graph)
     engine = Engine(model, optimizer, steps * 4, 4, device, num_classes=10, cuda_graph=cuda_graph,
-                    prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device))
+                    prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device), compiled=compiled)
     perm = torch.randperm(x.shape[0])[: steps * 4]
     engine.train_epoch(x, y, perm[: 4 * 8])  # warm-up (and graph capture on CUDA)
     if device.type == "cuda":
@@ -164,11 +170,108 @@ def peak_rss(kind: str) -> dict:
 # ----------------------------------------------------------------- main
 
 
+def tuner_plan(device: torch.device):
+    """The step cnnexp's auto-tuner picks for the tutorial net at batch 4 here
+    (read from the user cache when a run already timed it)."""
+    from omegaconf import OmegaConf
+
+    from cnnexp.autotune import plan_cpu_step
+    from cnnexp.cores import cpu_budget
+
+    sgd = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001, "momentum": 0.9,
+                            "weight_decay": 0.0, "nesterov": False})
+    trainer = OmegaConf.create({"num_threads": None, "fast_path": True, "cpu_step": "auto"})
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    return plan_cpu_step(TutorialCNN(), sgd, trainer, x, torch.arange(4), Normalizer([0.5] * 3, [0.5] * 3, 3, device),
+                         10, cpu_budget())
+
+
+def compiled_problem() -> str | None:
+    from cnnexp.kernels import unsupported_reason
+
+    return unsupported_reason(TutorialCNN(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------- one real epoch
+
+
+def real_epochs(root: str, compiled: bool) -> dict:
+    """One epoch of each side on the real images: training over all 50,000 and
+    evaluation of all 10,000, wall seconds. The tutorial side reads the JPEGs
+    through torchvision's ImageFolder and a 2-worker DataLoader (the original's
+    pipeline); cnnexp reads its decoded cache (built on the first run)."""
+    import torchvision
+    import torchvision.transforms as T
+    from omegaconf import OmegaConf
+
+    from cnnexp.data import to_device
+    from cnnexp.imagefolder import read_imagefolder
+
+    times = {}
+    torch.set_num_threads(os.cpu_count())
+    transform = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    train_set = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
+    test_set = torchvision.datasets.ImageFolder(os.path.join(root, "test"), transform=transform)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=True, num_workers=2)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=4, num_workers=2)
+    start = time.perf_counter()
+    model = TutorialCNN()
+    reference_train(model, loader, len(loader))
+    reference_eval(model, test_loader)
+    times["tutorial"] = time.perf_counter() - start
+
+    cfg = OmegaConf.create({"name": "imagefolder", "root": root, "resize": None, "cache": True,
+                            "mean": [0.5] * 3, "std": [0.5] * 3})
+    data = to_device(read_imagefolder(cfg), cfg, torch.device("cpu"))
+    for kind in ["eager"] + (["compiled"] if compiled else []):
+        start = time.perf_counter()
+        model = TutorialCNN()
+        optimizer = FlatSGD(model, lr=0.001, momentum=0.9)
+        n = data.train_x.shape[0]
+        engine = Engine(model, optimizer, n, 4, torch.device("cpu"), num_classes=10, prepare=data.normalize,
+                        compiled=kind == "compiled")
+        with cpu_settings(1, False):
+            engine.train_epoch(data.train_x, data.train_y, torch.randperm(n))
+        cnnexp_eval_data(model, data)
+        times[kind] = time.perf_counter() - start
+    return times
+
+
+def cnnexp_eval_data(model, data) -> None:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with cpu_settings(threads, False):
+        evaluate(model, data.test_x, data.test_y, 1000, 10, data.normalize)
+
+
+def startup_seconds(root: str) -> float:
+    """Seconds from `python -m cnnexp +experiment=reference ...` to its first
+    training step (the log line printed just before it), images cached."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "cnnexp", "+experiment=reference", f"data.root={root}",
+                                 "trainer.progress=log", f"hydra.run.dir={run_dir}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        elapsed = float("nan")
+        for line in proc.stdout:
+            if "Training TutorialCNN" in line:
+                elapsed = time.perf_counter() - start
+                break
+        proc.kill()
+        proc.wait()
+    return elapsed
+
+
+# ----------------------------------------------------------------- main
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="training steps per round")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", help="CIFAR-10 in the image-folder layout: adds one real epoch and start-up")
     parser.add_argument("--rss-probe", choices=["reference", "cnnexp"], help=argparse.SUPPRESS)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory probes")
     args = parser.parse_args()
@@ -176,6 +279,18 @@ def main() -> None:
         rss_probe(args.rss_probe)
         return
     device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    from cnnexp.autotune import cpu_model
+
+    print(f"CPU: {cpu_model()} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+          f" usable cores); torch {torch.__version__}, device {device}")
+    problem = compiled_problem() if cpu else "CPU only"
+    if cpu:
+        print("compiled step: " + (f"not available ({problem})" if problem else "available"))
+        plan = tuner_plan(device)
+        timed = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(plan.ms_per_step.items(), key=lambda kv: kv[1]))
+        print(f"auto-tuner picks: {plan.label} ({plan.chosen_by}{'; ' + timed if timed else ''})")
+    print(f"{args.steps} steps x {args.repeats} interleaved rounds, batch 4, tutorial CNN, SGD lr 0.001 momentum 0.9")
     torch.manual_seed(0)
     images, labels = cifar_like(max(args.steps * 4, 10_000), 0)
     test_images, test_labels = cifar_like(10_000, 1)
@@ -187,38 +302,49 @@ def main() -> None:
     x, y = to_x(images), torch.from_numpy(labels).to(device)
     tx, ty = to_x(test_images), torch.from_numpy(test_labels).to(device)
 
-    print(f"torch {torch.__version__}, device {device}, {os.cpu_count()} CPUs, "
-          f"{args.steps} steps x {args.repeats} interleaved rounds, batch 4")
-    results = {k: [] for k in ("ref_step", "fast_step", "ref_eval", "fast_eval", "eager_step")}
+    results = {k: [] for k in ("ref_step", "eager_step", "compiled_step", "fast_step", "ref_eval", "fast_eval")}
     for round_ in range(args.repeats):
-        if device.type == "cpu":
+        if cpu:
             torch.set_num_threads(os.cpu_count())  # the tutorial leaves torch's default
             results["ref_step"].append(reference_train(TutorialCNN(), loader, args.steps))
             results["ref_eval"].append(reference_eval(TutorialCNN(), test_loader))
+            results["eager_step"].append(cnnexp_train(TutorialCNN(), x, y, args.steps, device))
+            if not problem:
+                results["compiled_step"].append(cnnexp_train(TutorialCNN(), x, y, args.steps, device, compiled=True))
         else:
             results["eager_step"].append(cnnexp_train(TutorialCNN().to(device), x, y, args.steps, device, False))
-        results["fast_step"].append(cnnexp_train(TutorialCNN().to(device), x, y, args.steps, device))
+            results["fast_step"].append(cnnexp_train(TutorialCNN().to(device), x, y, args.steps, device))
         results["fast_eval"].append(cnnexp_eval(TutorialCNN().to(device), tx, ty, device))
         print(f"  round {round_ + 1}: " + ", ".join(f"{k} {v[-1] * (1e3 if 'step' in k else 1):.3f}"
                                                    for k, v in results.items() if v))
     med = {k: statistics.median(v) for k, v in results.items() if v}
     steps_per_epoch = 12_500
-    print("\nmedians")
-    if "ref_step" in med:
-        print(f"  training step     reference {med['ref_step'] * 1e3:.3f} ms   cnnexp {med['fast_step'] * 1e3:.3f} ms"
-              f"   ratio {med['ref_step'] / med['fast_step']:.2f}x")
-        print(f"  eval 10,000 imgs  reference {med['ref_eval']:.3f} s    cnnexp {med['fast_eval']:.3f} s"
+    print("\nmedians (ratio = tutorial loop / cnnexp)")
+    if cpu:
+        ref = med["ref_step"]
+        print(f"  training step      tutorial loop {ref * 1e3:.3f} ms   eager engine {med['eager_step'] * 1e3:.3f} ms"
+              f" ({ref / med['eager_step']:.2f}x)" + (
+                  f"   compiled step {med['compiled_step'] * 1e3:.3f} ms ({ref / med['compiled_step']:.2f}x;"
+                  f" {med['eager_step'] / med['compiled_step']:.2f}x the eager engine)" if "compiled_step" in med else ""))
+        print(f"  eval 10,000 imgs   tutorial loop {med['ref_eval']:.3f} s    cnnexp {med['fast_eval']:.3f} s"
               f"    ratio {med['ref_eval'] / med['fast_eval']:.2f}x")
-        ref_run = 50 * (steps_per_epoch * med["ref_step"] + med["ref_eval"]) / 60
+        best = med.get("compiled_step", med["eager_step"])
+        ref_run = 50 * (steps_per_epoch * ref + med["ref_eval"]) / 60
     else:
         print(f"  training step     eager {med['eager_step'] * 1e3:.3f} ms   CUDA graph {med['fast_step'] * 1e3:.3f} ms"
               f"   ratio {med['eager_step'] / med['fast_step']:.2f}x")
         print(f"  eval 10,000 imgs  {med['fast_eval']:.3f} s")
-        ref_run = None
-    fast_run = 50 * (steps_per_epoch * med["fast_step"] + med["fast_eval"]) / 60
-    print(f"  full default run (50 epochs x 12,500 steps + eval): cnnexp ~{fast_run:.1f} min"
-          + (f", reference ~{ref_run:.1f} min" if ref_run else ""))
-    if not args.no_rss and device.type == "cpu":
+        best, ref_run = med["fast_step"], None
+    fast_run = 50 * (steps_per_epoch * best + med["fast_eval"]) / 60
+    print(f"  full default run (50 epochs x 12,500 steps + eval), from the step times: cnnexp ~{fast_run:.1f} min"
+          + (f", tutorial loop ~{ref_run:.1f} min" if ref_run else ""))
+    if args.data_root and cpu:
+        epochs = real_epochs(args.data_root, compiled=not problem)
+        line = ", ".join(f"{k} {v:.1f} s" + (f" ({epochs['tutorial'] / v:.2f}x)" if k != "tutorial" else "")
+                         for k, v in epochs.items())
+        print(f"  one real epoch (train 50,000 + eval 10,000): {line}")
+        print(f"  command to first training step (image cache warm): {startup_seconds(args.data_root):.1f} s")
+    if not args.no_rss and cpu:
         ref_rss, fast_rss = peak_rss("reference"), peak_rss("cnnexp")
         print(f"  peak RSS, CIFAR-10-sized data: cnnexp {fast_rss['self_mb']:.0f} MB; reference "
               f"{ref_rss['self_mb']:.0f} MB + {ref_rss['largest_child_mb']:.0f} MB per loader worker")

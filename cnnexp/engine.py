@@ -176,6 +176,10 @@ class Stepper:
             else:
                 self.logits[row : row + out.shape[0]].copy_(out.detach())
 
+    def step_slice(self, x: torch.Tensor, y: torch.Tensor, lo: int, hi: int) -> None:
+        """One step on samples lo:hi of the epoch's x and y (logits to rows lo:hi)."""
+        self.step(x[lo:hi], y[lo:hi], row=lo)
+
     def state_tensors(self) -> list[torch.Tensor]:
         tensors = [self.logits, self.next_rows]
         tensors += [b for b in self.model.buffers()]
@@ -262,7 +266,7 @@ class Engine:
             if self.graphed is not None and hi - lo == bs:
                 self.graphed.step(x_epoch[lo:hi], self.labels[lo:hi])
             else:
-                self.stepper.step(x_epoch[lo:hi], self.labels[lo:hi], row=lo)
+                self.stepper.step_slice(x_epoch, self.labels, lo, hi)
             step += 1
             if self.nan_check_every and step % self.nan_check_every == 0:
                 bad = self._first_bad_step(step - self.nan_check_every, step)

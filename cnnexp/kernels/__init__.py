@@ -57,6 +57,7 @@ class CompiledStepper(Stepper):
         self.lib = load()
         self.handle = None
         self.input_shape = None
+        self._direct_for = None  # (x, y) pointers step_slice has checked
 
     def _create(self, x: torch.Tensor) -> None:
         self.input_shape = tuple(x.shape[1:])
@@ -76,6 +77,7 @@ class CompiledStepper(Stepper):
         if self.handle is None or tuple(x.shape[1:]) != self.input_shape:
             self._close()
             self._create(x)
+            self._direct_for = None
         n = x.shape[0]
         if n > self.batch_size:
             raise ValueError(f"a batch of {n} images exceeds the batch size {self.batch_size}")
@@ -94,6 +96,24 @@ class CompiledStepper(Stepper):
         logits = self.logits[row : row + n]
         self.lib.cnx_step(self.handle, x.data_ptr(), is_uint8, shift, scale, y.data_ptr(), n, logits.data_ptr(),
                           opt.lr, opt.momentum, opt.weight_decay, int(bool(opt.nesterov)))
+
+    def step_slice(self, x: torch.Tensor, y: torch.Tensor, lo: int, hi: int) -> None:
+        """The epoch's step without slicing tensors: pointers into x, y and the
+        logits are computed here, which saves a few microseconds a step."""
+        key = (x.data_ptr(), y.data_ptr())
+        if key != self._direct_for:
+            direct = (x.dtype == torch.uint8 and x.is_contiguous() and isinstance(self.prepare, Normalizer)
+                      and y.dtype == torch.int64 and y.is_contiguous() and self.handle is not None
+                      and tuple(x.shape[1:]) == self.input_shape)
+            if not direct:
+                return self.step(x[lo:hi], y[lo:hi], row=lo)
+            self._direct_for = key
+            self._x_row = x[0].numel()
+            self._norm = (self.prepare.shift.data_ptr(), self.prepare.scale.data_ptr())
+        opt, k = self.optimizer, self.logits.shape[1]
+        self.lib.cnx_step(self.handle, key[0] + lo * self._x_row, 1, self._norm[0], self._norm[1], key[1] + 8 * lo,
+                          hi - lo, self.logits.data_ptr() + 4 * k * lo, opt.lr, opt.momentum, opt.weight_decay,
+                          int(bool(opt.nesterov)))
 
     def _close(self) -> None:
         if self.handle is not None:

@@ -63,7 +63,7 @@ struct Layer {
     int Hp, Wp, P, Pr, Q, Qr, FP, GS, T;
     std::vector<int> off;  // input offset of each tap (ci, kh, kw)
     float *xpad = nullptr, *full = nullptr, *gfull = nullptr, *gin_full = nullptr;
-    int32_t* argmax = nullptr;
+    uint8_t* argmax = nullptr;  // per pooled output: which of the 2x2 inputs won
 };
 
 struct Net {
@@ -280,37 +280,51 @@ static void relu_backward(const float* y, const float* gy, float* gx, long m) {
     for (long i = 0; i < m; i++) gx[i] = y[i] > 0.0f ? gy[i] : 0.0f;
 }
 
+// 2x2 max-pooling, stride 2. Which of the four inputs won is kept as a code
+// 0..3 (row-major in the window) for the backward pass. torch's rule: the
+// first maximum in scan order wins, and a NaN beats everything. Written
+// branch-free so that the compiler vectorises it.
 static void pool_forward(const Layer& L, const float* x, float* y, int n) {
     const int planes = n * L.C;
     for (int pl = 0; pl < planes; pl++) {
         const float* in = x + (long)pl * L.H * L.W;
         float* out = y + (long)pl * L.OH * L.OW;
-        int32_t* am = L.argmax + (long)pl * L.OH * L.OW;
-        for (int oh = 0; oh < L.OH; oh++)
-            for (int ow = 0; ow < L.OW; ow++) {
-                // torch's rule: the first maximum in scan order; a NaN wins
-                int best = (2 * oh) * L.W + 2 * ow;
-                float m = -INFINITY;
-                for (int dh = 0; dh < 2; dh++)
-                    for (int dw = 0; dw < 2; dw++) {
-                        int idx = (2 * oh + dh) * L.W + 2 * ow + dw;
-                        float v = in[idx];
-                        if (v > m || std::isnan(v)) { m = v; best = idx; }
-                    }
-                out[oh * L.OW + ow] = m;
-                am[oh * L.OW + ow] = best;
+        uint8_t* code = L.argmax + (long)pl * L.OH * L.OW;
+        for (int oh = 0; oh < L.OH; oh++) {
+            const float* __restrict r0 = in + (2 * oh) * L.W;
+            const float* __restrict r1 = r0 + L.W;
+            float* __restrict o = out + oh * L.OW;
+            uint8_t* __restrict cd = code + oh * L.OW;
+            const int OW = L.OW;
+            for (int ow = 0; ow < OW; ow++) {
+                const float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+                float m = a;
+                int k = 0;
+                bool t = (b > m) | (b != b);
+                m = t ? b : m; k = t ? 1 : k;
+                t = (c > m) | (c != c);
+                m = t ? c : m; k = t ? 2 : k;
+                t = (d > m) | (d != d);
+                m = t ? d : m; k = t ? 3 : k;
+                o[ow] = m;
+                cd[ow] = (uint8_t)k;
             }
+        }
     }
 }
 
 static void pool_backward(const Layer& L, const float* gy, float* gx, int n) {
     std::memset(gx, 0, (size_t)n * L.C * L.H * L.W * 4);
-    const int planes = n * L.C, outs = L.OH * L.OW;
+    const int planes = n * L.C;
     for (int pl = 0; pl < planes; pl++) {
         float* g = gx + (long)pl * L.H * L.W;
-        const int32_t* am = L.argmax + (long)pl * outs;
-        const float* src = gy + (long)pl * outs;
-        for (int o = 0; o < outs; o++) g[am[o]] += src[o];
+        const uint8_t* code = L.argmax + (long)pl * L.OH * L.OW;
+        const float* src = gy + (long)pl * L.OH * L.OW;
+        for (int oh = 0; oh < L.OH; oh++)
+            for (int ow = 0; ow < L.OW; ow++) {
+                const int k = code[oh * L.OW + ow];
+                g[(2 * oh + (k >> 1)) * L.W + 2 * ow + (k & 1)] = src[oh * L.OW + ow];
+            }
     }
 }
 
@@ -417,7 +431,7 @@ void* cnx_create(const int* spec, float* params, float* grads, float* mom, long 
             L.gin_full = zalloc((size_t)L.cin * L.Qr);
         } else if (L.type == POOL) {
             L.OH = H / 2; L.OW = W / 2;
-            L.argmax = static_cast<int32_t*>(std::calloc((size_t)net->nmax * C * L.OH * L.OW + SLACK, 4));
+            L.argmax = static_cast<uint8_t*>(std::calloc((size_t)net->nmax * C * L.OH * L.OW + SLACK, 1));
         } else if (L.type == FLAT) {
             L.OC = C * H * W; L.OH = 1; L.OW = 1;
         } else if (L.type == LINEAR) {

@@ -136,10 +136,12 @@ def describe(sweep_dir: Path, study, info: dict, table: pd.DataFrame) -> str:
         line = f"Epochs trained: {run} of {budget} (every trial to its last epoch)"
         if budget:
             line += f"; pruning saved {saved} epochs ({100 * saved / budget:.0f} %)"
-        if "wall_seconds" in ended and run:
-            per_epoch = ended["wall_seconds"].sum() / run
-            if math.isfinite(per_epoch) and saved:
-                line += f", about {_duration(saved * per_epoch)} of training at {per_epoch:.1f} s per epoch"
+        if "wall_seconds" in ended and saved:
+            # Each stopped trial's missing epochs at that trial's own pace (batch size changes it).
+            stopped = ended[(ended["epochs"] > 0) & (ended["epochs"] < ended["max_epochs"])]
+            seconds = ((stopped["max_epochs"] - stopped["epochs"]) * stopped["wall_seconds"] / stopped["epochs"]).sum()
+            if math.isfinite(seconds) and seconds > 0:
+                line += f", about {_duration(seconds)} of training"
         lines.append(line)
     best = best_trial(study)
     if best is None:

@@ -82,8 +82,20 @@ def check_optimizer(optim_cfg: DictConfig) -> None:
         return
     kwargs = {k: v for k, v in OmegaConf.to_container(optimizer_config(optim_cfg, quiet=True), resolve=True).items()
               if k not in HYDRA_KEYS}
+    if _needs_closure(factory):
+        raise ConfigError(f"optim._target_={optim_cfg._target_} needs a closure that recomputes the loss at every "
+                          "step, which a training step here does not give; choose another optimiser.")
     try:
         factory([torch.zeros(1, requires_grad=True)], **kwargs)
     except (TypeError, ValueError) as err:
         settings = " ".join(f"optim.{k}={v}" for k, v in kwargs.items())
         raise ConfigError(f"{optim_cfg._target_} refuses {settings}: {str(err).splitlines()[0]}") from None
+
+
+def _needs_closure(factory) -> bool:
+    """An optimiser such as LBFGS, whose step() cannot run without a closure."""
+    try:
+        closure = inspect.signature(factory.step).parameters.get("closure")
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty

@@ -113,6 +113,7 @@ def test_another_optimiser_gets_only_the_arguments_it_takes(compose_cfg):
     (["optim._target_=torch.optim.Adagrad", "optim.momentum=0.5"], "momentum"),
     (["optim._target_=torch.optim.Adagrad", "+optim.amsgrad=true"], "amsgrad"),
     (["optim.nesterov=true", "optim.momentum=0"], "Nesterov"),  # SGD's own rule
+    (["optim._target_=torch.optim.LBFGS"], "closure"),  # its step() re-evaluates the loss itself
 ])
 def test_a_bad_optimiser_combination_is_a_config_error(compose_cfg, overrides, named):
     from cnnexp.errors import ConfigError

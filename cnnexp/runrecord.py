@@ -60,10 +60,11 @@ class RunRecord:
             return record
         resume = {"at": record.data["started_at"], "overrides": overrides, "command": command,
                   "from_epoch": from_epoch}
-        for key in ("started_at", "overrides", "command"):
-            if previous.get(key) is not None:
-                record.data[key] = previous[key]
-        record.data["resumes"] = [*previous.get("resumes", []), resume]
+        # What the run was (first start, overrides, results so far) stays; how this segment runs is new.
+        ended = {"error": None} if "error" in previous else {}
+        kept = {k: previous[k] for k in ("started_at", "overrides", "command") if previous.get(k) is not None}
+        record.data = {**previous, **record.data, **ended, **kept,
+                       "resumes": [*previous.get("resumes", []), resume]}
         record.earlier_seconds = float(previous.get("wall_seconds") or 0.0)
         return record
 

@@ -158,3 +158,27 @@ def test_a_stop_without_checkpoints_says_so_and_writes_none(tmp_path):
     assert f"no checkpoint was written (trainer.checkpoint=false), so metrics.csv keeps the {rows} completed" in stderr
     assert not (run_dir / "checkpoints").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_a_continued_record_keeps_the_runs_story_and_starts_a_new_segment(tmp_path):
+    from cnnexp.runrecord import RunRecord, read_record
+
+    first = RunRecord(tmp_path, overrides=["optim.lr=0.01"], command="cnnexp optim.lr=0.01", device="cpu")
+    first.epoch_done(3)
+    first.finish("interrupted", error="stopped by signal 15 in epoch 4 after step 7")
+    before = read_record(tmp_path)
+
+    again = RunRecord.continued(tmp_path, overrides=["trainer.resume=x"], command="cnnexp trainer.resume=x",
+                                from_epoch=4, device="cuda")
+    again.write()
+    record = read_record(tmp_path)
+    assert record["started_at"] == before["started_at"] and record["overrides"] == ["optim.lr=0.01"]
+    assert record["command"] == "cnnexp optim.lr=0.01" and record["epochs_completed"] == 3
+    assert record["status"] == "running" and record["ended_at"] is None and record["error"] is None
+    assert record["device"] == "cuda"  # this segment's
+    assert record["resumes"] == [{"at": record["resumes"][0]["at"], "overrides": ["trainer.resume=x"],
+                                  "command": "cnnexp trainer.resume=x", "from_epoch": 4}]
+    again.finish("completed")
+    assert read_record(tmp_path)["wall_seconds"] >= before["wall_seconds"]
+    RunRecord.continued(tmp_path, overrides=["trainer.resume=x", "trainer.max_epochs=9"], from_epoch=6).write()
+    assert [r["from_epoch"] for r in read_record(tmp_path)["resumes"]] == [4, 6]

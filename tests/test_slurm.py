@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from cnnexp.cores import available_cores
-from cnnexp.slurm import queue_watcher
+from cnnexp.slurm import queue_watcher, record_lost_job
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 JOB_FILES = ["metrics.csv", "per_class.csv", "model.pt", "run.json", "plots/test_acc.png", "cnnexp.log"]
@@ -321,3 +321,23 @@ def test_a_slurm_job_uses_its_cpus_per_task_even_where_slurm_does_not_bind_it(mo
     assert available_cores() == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(everything + 8))  # never more than the process may use
     assert available_cores() == everything
+
+
+def test_a_lost_job_is_recorded_as_failed_keeping_what_it_had_recorded(tmp_path):
+    running = {"status": "running", "started_at": "2026-01-01T00:00:00+00:00", "overrides": ["optim.lr=0.1"],
+               "epochs_completed": 3, "wall_seconds": 12.5}
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "run.json").write_text(json.dumps(running))
+    record_lost_job(tmp_path / "0", ["optim.lr=0.1"], "SLURM job 5_0 ended without a result")
+    record = json.loads((tmp_path / "0" / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "SLURM job 5_0 ended without a result"
+    assert {k: record[k] for k in ("started_at", "overrides", "epochs_completed", "wall_seconds")} == {
+        k: running[k] for k in ("started_at", "overrides", "epochs_completed", "wall_seconds")}
+
+    record_lost_job(tmp_path / "1", ["optim.lr=0.2"], "lost before it started")  # no directory yet
+    assert json.loads((tmp_path / "1" / "run.json").read_text())["overrides"] == ["optim.lr=0.2"]
+
+    done = {**running, "status": "completed"}
+    (tmp_path / "0" / "run.json").write_text(json.dumps(done))
+    record_lost_job(tmp_path / "0", ["optim.lr=0.1"], "late news")
+    assert json.loads((tmp_path / "0" / "run.json").read_text()) == done

@@ -15,7 +15,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "cnnexp", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "cnnexp", "hydra_plugins", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session

@@ -24,6 +24,11 @@ def _check(path: str) -> None:
 
 class OutputDirCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from cnnexp.slurm import is_slurm_launcher
+
+        if is_slurm_launcher(config.hydra.launcher):  # Hydra uses launchers for -m only
+            print("warning: hydra/launcher=slurm applies to sweeps only; this run trains here. "
+                  "Add -m to submit it to SLURM as a one-job sweep.", file=sys.stderr)
         _check(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

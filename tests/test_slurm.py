@@ -341,3 +341,10 @@ def test_a_lost_job_is_recorded_as_failed_keeping_what_it_had_recorded(tmp_path)
     (tmp_path / "0" / "run.json").write_text(json.dumps(done))
     record_lost_job(tmp_path / "0", ["optim.lr=0.1"], "late news")
     assert json.loads((tmp_path / "0" / "run.json").read_text()) == done
+
+
+def test_slurm_launcher_without_a_sweep_says_it_trains_here(tmp_path):
+    result = run_cli([*SMALL, "data.n_train=100", "data.n_test=50", "trainer.max_epochs=1", "hydra/launcher=slurm"],
+                     cwd=tmp_path, env={"PATH": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "applies to sweeps only" in result.stderr and "Add -m" in result.stderr

@@ -271,6 +271,7 @@ def test_failed_and_killed_jobs_are_recorded_and_the_others_complete(partition, 
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_unknown_partition_or_impossible_job_is_one_clear_error_and_writes_nothing(partition, tmp_path):
     result = run_cli(["-m", *SMALL, "optim.lr=0.001,0.01", "hydra/launcher=slurm",
                       "hydra.launcher.partition=no-such-partition"], cwd=tmp_path, timeout=120)
@@ -289,6 +290,7 @@ def test_unknown_partition_or_impossible_job_is_one_clear_error_and_writes_nothi
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow
 def test_slurm_launcher_without_slurm_is_one_clear_error_and_writes_nothing(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -343,6 +345,7 @@ def test_a_lost_job_is_recorded_as_failed_keeping_what_it_had_recorded(tmp_path)
     assert json.loads((tmp_path / "0" / "run.json").read_text()) == done
 
 
+@pytest.mark.slow
 def test_slurm_launcher_without_a_sweep_says_it_trains_here(tmp_path):
     result = run_cli([*SMALL, "data.n_train=100", "data.n_test=50", "trainer.max_epochs=1", "hydra/launcher=slurm"],
                      cwd=tmp_path, env={"PATH": str(tmp_path)}, timeout=120)

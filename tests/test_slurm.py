@@ -41,7 +41,8 @@ def _cluster_problem() -> tuple[str | None, str | None]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return None, f"`sinfo` did not answer: {err}"
     if out.returncode != 0:
-        return None, f"`sinfo` failed, the SLURM controller is not reachable: {out.stderr.strip()}"
+        return None, (f"`sinfo` failed, the SLURM controller is not reachable: {out.stderr.strip()} "
+                      "(.ci/slurm-up starts the test cluster)")
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
     wanted = os.environ.get("CNNEXP_SLURM_PARTITION")
     if wanted is None:

@@ -15,6 +15,11 @@ not arithmetic, so the engine removes operations rather than FLOPs:
 * On CUDA the whole step (forward, backward, update, statistics) is captured
   once in a CUDA graph and replayed: one launch per step instead of ~60.
 
+* On the CPU, a chain of Conv2d/ReLU/MaxPool2d(2)/flatten/Linear layers
+  trained with SGD can run as one compiled C++ call per step
+  (cnnexp/kernels, a drop-in for the Stepper); cnnexp/autotune.py times it
+  against the eager step and picks the faster on each machine.
+
 Any optimiser other than SGD, or trainer.fast_path=false, runs through the
 torch.optim class named by the config's `_target_`, eagerly.
 """

@@ -39,6 +39,7 @@ constexpr int TB = 3;
 #endif
 
 typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
 static inline vf ld(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
@@ -282,32 +283,41 @@ static void relu_backward(const float* y, const float* gy, float* gx, long m) {
 
 // 2x2 max-pooling, stride 2. Which of the four inputs won is kept as a code
 // 0..3 (row-major in the window) for the backward pass. torch's rule: the
-// first maximum in scan order wins, and a NaN beats everything. Written
-// branch-free so that the compiler vectorises it.
+// first maximum in scan order wins, and a NaN beats everything. Rows are
+// short (14 or 5 outputs here), so each row is one or two vector blocks:
+// even and odd columns are separated by shuffles and the window's maximum is
+// found with vector compares and selects, free of branches (which random
+// data mispredicts).
 static void pool_forward(const Layer& L, const float* x, float* y, int n) {
-    const int planes = n * L.C;
+    vi even, odd;
+    for (int i = 0; i < VL; i++) { even[i] = 2 * i; odd[i] = 2 * i + 1; }
+    const int planes = n * L.C, OW = L.OW;
     for (int pl = 0; pl < planes; pl++) {
         const float* in = x + (long)pl * L.H * L.W;
-        float* out = y + (long)pl * L.OH * L.OW;
-        uint8_t* code = L.argmax + (long)pl * L.OH * L.OW;
+        float* out = y + (long)pl * L.OH * OW;
+        uint8_t* code = L.argmax + (long)pl * L.OH * OW;
         for (int oh = 0; oh < L.OH; oh++) {
-            const float* __restrict r0 = in + (2 * oh) * L.W;
-            const float* __restrict r1 = r0 + L.W;
-            float* __restrict o = out + oh * L.OW;
-            uint8_t* __restrict cd = code + oh * L.OW;
-            const int OW = L.OW;
-            for (int ow = 0; ow < OW; ow++) {
-                const float a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-                float m = a;
-                int k = 0;
-                bool t = (b > m) | (b != b);
-                m = t ? b : m; k = t ? 1 : k;
+            const float* r0 = in + (2 * oh) * L.W;
+            const float* r1 = r0 + L.W;
+            for (int ow = 0; ow < OW; ow += VL) {
+                // may read past the row: into the next row or the buffer's slack, never used
+                const vf x0 = ld(r0 + 2 * ow), x1 = ld(r0 + 2 * ow + VL);
+                const vf y0 = ld(r1 + 2 * ow), y1 = ld(r1 + 2 * ow + VL);
+                const vf a = __builtin_shuffle(x0, x1, even), b = __builtin_shuffle(x0, x1, odd);
+                const vf c = __builtin_shuffle(y0, y1, even), d = __builtin_shuffle(y0, y1, odd);
+                vf m = a;
+                vi k = vi{};
+                vi t = (b > m) | (b != b);
+                m = t ? b : m; k = t ? vi{} + 1 : k;
                 t = (c > m) | (c != c);
-                m = t ? c : m; k = t ? 2 : k;
+                m = t ? c : m; k = t ? vi{} + 2 : k;
                 t = (d > m) | (d != d);
-                m = t ? d : m; k = t ? 3 : k;
-                o[ow] = m;
-                cd[ow] = (uint8_t)k;
+                m = t ? d : m; k = t ? vi{} + 3 : k;
+                const int cnt = OW - ow < VL ? OW - ow : VL;
+                for (int j = 0; j < cnt; j++) {
+                    out[oh * OW + ow + j] = m[j];
+                    code[oh * OW + ow + j] = (uint8_t)k[j];
+                }
             }
         }
     }

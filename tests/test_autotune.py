@@ -90,3 +90,20 @@ def test_thread_counts_cover_the_budget():
     assert autotune.thread_counts(2) == [1, 2]
     assert autotune.thread_counts(6) == [1, 2, 4, 6]
     assert autotune.thread_counts(8) == [1, 2, 4, 8]
+
+
+@pytest.mark.slow
+def test_a_run_records_its_step_and_the_next_run_reuses_it(tmp_path):
+    from conftest import SMALL, run_cli
+
+    env = {"CNNEXP_CACHE_DIR": str(tmp_path / "cache")}
+    records = []
+    for name in ("first", "second"):
+        proc = run_cli([*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        records.append(json.loads((tmp_path / name / "run.json").read_text())["cpu_step"])
+    assert records[0]["chosen_by"] == "measured" and len(records[0]["ms_per_step"]) >= 2
+    assert records[1]["chosen_by"] == "cache"
+    assert {k: records[1][k] for k in ("threads", "onednn", "kernel")} == \
+        {k: records[0][k] for k in ("threads", "onednn", "kernel")}
+    assert (tmp_path / "cache" / "step_plans.json").is_file()

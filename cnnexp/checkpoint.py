@@ -1,11 +1,10 @@
 """checkpoints/last.pt: everything needed to continue a run exactly.
 
-Written atomically (temp file, fsync, rename): a kill during the write
-leaves the previous checkpoint intact."""
+Written atomically (temp file, fsync, rename): a kill or a full disk during
+the write leaves the previous checkpoint intact and no temp file behind."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -13,23 +12,16 @@ import numpy as np
 import torch
 
 from cnnexp.errors import ConfigError
+from cnnexp.safeio import atomic_path
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path, durable=True) as tmp:
+        # Through a Python file, so a full disk surfaces as an OSError (ENOSPC).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def rng_states(data_generator: torch.Generator) -> dict:

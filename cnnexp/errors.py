@@ -20,3 +20,7 @@ class DataError(CnnexpError):
 
 class TrainingDiverged(CnnexpError):
     """The loss became NaN or infinite."""
+
+
+class DiskFull(CnnexpError):
+    """No space left (or quota exceeded) while writing a file."""

@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from cnnexp.data import ImageSplits
-from cnnexp.errors import ConfigError, DataError
+from cnnexp.errors import ConfigError, DataError, DiskFull
+from cnnexp.safeio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,10 @@ def _remove_stale_caches(cache: Path) -> None:
 
 
 def _write_cache(cache: Path, splits: ImageSplits) -> None:
+    tensors = {k: getattr(splits, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
     try:
-        cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(
-            {k: getattr(splits, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}, tmp
-        )
-        tmp.replace(cache)
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # a failed write leaves no temp file
+            torch.save(tensors, f)
         _remove_stale_caches(cache)
-    except OSError as err:  # a read-only dataset folder: decode every time
+    except (OSError, DiskFull) as err:  # a read-only or full dataset folder: decode every time
         log.info("Not caching decoded images in %s (%s)", cache.parent, err)

@@ -4,8 +4,9 @@ so a crash or a kill loses at most the epoch in progress."""
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from cnnexp.safeio import appending, atomic_path
 
 COLUMNS = [
     "epoch",
@@ -29,17 +30,52 @@ class MetricsCSV:
 
     def rewrite(self, rows: list[dict]) -> None:
         """Start the file afresh with these rows (a new run, or a resume)."""
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        with atomic_path(self.path, durable=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
+        with appending(self.path) as f:  # a failed append leaves the earlier rows as they were
             csv.DictWriter(f, fieldnames=self.columns).writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+
+
+def read_metrics(path: Path):
+    """metrics.csv as far as it can be read, for figures and summaries of runs that
+    are half-written, stopped or from an older cnnexp.
+
+    Returns (frame or None, problem or None): the rows with a numeric epoch, all
+    values as numbers (NaN where a value is missing or garbled), and a short note
+    on what is missing or was dropped."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        frame = pd.read_csv(path, on_bad_lines="skip")
+    except pd.errors.EmptyDataError:
+        return None, f"{path.name} is empty (the run stopped before writing its header)"
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        return None, f"{path.name} cannot be read ({str(err).splitlines()[0]})"
+    if "epoch" not in frame.columns:
+        return None, f"{path.name} has no epoch column (columns: {', '.join(map(str, frame.columns)) or 'none'})"
+    frame = frame.apply(pd.to_numeric, errors="coerce")
+    dropped = int(frame["epoch"].isna().sum())
+    frame = frame.dropna(subset=["epoch"])
+    if not len(frame):
+        return None, f"{path.name} has no rows yet (the run stopped before its first epoch ended)"
+    known = [c for c in COLUMNS if c in frame.columns and c not in TIMING_COLUMNS]
+    if frame[known].iloc[-1].isna().any():  # a row cut short by a crash while it was written
+        frame, dropped = frame.iloc[:-1], dropped + 1
+    frame = frame.astype({"epoch": int}) if len(frame) else frame
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} unreadable or incomplete row(s) of {path.name} skipped")
+    missing = [c for c in COLUMNS if c not in frame.columns and c not in TIMING_COLUMNS]
+    if missing:
+        notes.append(f"{path.name} has no {', '.join(missing)} column(s) (written by an older cnnexp?)")
+    if not len(frame):
+        return None, "; ".join(notes) or f"{path.name} has no complete rows"
+    return frame, "; ".join(notes) or None

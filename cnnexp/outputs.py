@@ -11,6 +11,7 @@ import torch
 
 from cnnexp.data import DeviceData
 from cnnexp.engine import EvalResult
+from cnnexp.safeio import atomic_path
 
 MODEL_FILE = "model.pt"
 BEST_MODEL_FILE = "model_best.pt"  # the selected epoch's weights (runs with a validation split)
@@ -21,7 +22,8 @@ SAMPLES_FILE = "predictions_sample.npz"  # test images with true and predicted c
 
 def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData, final_eval: EvalResult,
                         n_samples: int = 32) -> None:
-    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, run_dir / MODEL_FILE)
+    with atomic_path(run_dir / MODEL_FILE) as tmp, open(tmp, "wb") as f:
+        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, f)
     write_per_class(run_dir / PER_CLASS_FILE, final_eval.confusion, data.classes)
     write_confusion(run_dir / CONFUSION_FILE, final_eval.confusion, data.classes)
     with torch.inference_mode():
@@ -32,18 +34,19 @@ def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData,
         sample_images = data.test_x[index]
         logits = model(data.normalize(sample_images))
         model.train()
-    np.savez_compressed(
-        run_dir / SAMPLES_FILE,
-        images=sample_images.cpu().numpy(),  # uint8 (N, C, H, W), as read from the dataset
-        labels=data.test_y[index].cpu().numpy(),
-        predictions=logits.argmax(1).cpu().numpy(),
-        classes=np.array(data.classes),
-    )
+    with atomic_path(run_dir / SAMPLES_FILE) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            images=sample_images.cpu().numpy(),  # uint8 (N, C, H, W), as read from the dataset
+            labels=data.test_y[index].cpu().numpy(),
+            predictions=logits.argmax(1).cpu().numpy(),
+            classes=np.array(data.classes),
+        )
 
 
 def write_per_class(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
     totals = confusion.sum(1)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "correct", "total", "accuracy"])
         for i, name in enumerate(classes):
@@ -54,7 +57,7 @@ def write_per_class(path: Path, confusion: torch.Tensor, classes: list[str]) -> 
 
 def write_confusion(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
     """Rows are true classes, columns predicted classes."""
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *classes])
         for i, name in enumerate(classes):

@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
-
+from cnnexp.errors import CnnexpError
+from cnnexp.metrics import read_metrics
+from cnnexp.outputs import CONFUSION_FILE
 from cnnexp.plots import plot_against_original, render_run
+from cnnexp.runrecord import read_record
 from cnnexp.sweep import (
     best_by_validation_line,
     failed_jobs_line,
@@ -21,6 +23,8 @@ from cnnexp.sweep import (
     job_dirs,
     write_summary,
 )
+
+RUN_MARKERS = ("metrics.csv", "run.json", ".hydra/config.yaml", "checkpoints/last.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,28 +37,60 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_dir():
         print(f"cnnexp.plot: error: {path} is not a directory; give a run or sweep directory.", file=sys.stderr)
         return 2
-    if (path / "metrics.csv").is_file():
-        written = render_run(path)
-        if args.against_original:
-            metrics = pd.read_csv(path / "metrics.csv")
-            written.append(plot_against_original(metrics, path / "plots" / "test_acc_vs_original.png"))
-        print(f"Rendered {len(written)} figures into {path / 'plots'}")
-        return 0
-    if is_sweep_dir(path):
-        for job in job_dirs(path):
-            render_run(job)
-        table = write_summary(path, plots=True)
-        print(f"Summarised {len(table)} jobs into {path / 'summary.csv'} with comparison plots")
-        best = best_by_validation_line(table)
-        if best:
-            print(best)
-        line = failed_jobs_line(table)
-        if line:
-            print(f"note: {line}")
-        return 0
+    try:
+        if any((path / marker).exists() for marker in RUN_MARKERS):
+            return plot_run(path, args.against_original)
+        if is_sweep_dir(path):
+            return plot_sweep(path)
+    except CnnexpError as err:  # a full disk, say
+        print(f"cnnexp.plot: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"cnnexp.plot: error: cannot write into {path} ({err.strerror or err}).", file=sys.stderr)
+        return 1
     print(f"cnnexp.plot: error: {path} holds neither metrics.csv (a run) nor numbered job folders (a sweep).",
           file=sys.stderr)
     return 2
+
+
+def plot_run(path: Path, against_original: bool) -> int:
+    problems: list[str] = []
+    written = render_run(path, problems)
+    if against_original:
+        metrics, _ = read_metrics(path / "metrics.csv")
+        if metrics is not None and "test_acc" in metrics:
+            written.append(plot_against_original(metrics, path / "plots" / "test_acc_vs_original.png"))
+        else:
+            problems.append("no test accuracy to compare with the original")
+    record = read_record(path)
+    if record is None:
+        problems.append("no readable run.json (status unknown)")
+    elif record.get("status") != "completed" and not (path / CONFUSION_FILE).is_file():
+        problems.append(f"run.json says {record.get('status')}: no final results (confusion matrix, per-class "
+                        "accuracy, predictions) to draw")
+    print(f"Rendered {len(written)} figures into {path / 'plots'}" if written else f"Nothing to draw in {path}")
+    if problems:
+        print(f"note: {path}: " + "; ".join(problems))
+    return 0 if written else 1
+
+
+def plot_sweep(path: Path) -> int:
+    for job in job_dirs(path):
+        problems: list[str] = []
+        render_run(job, problems)
+        if problems:
+            print(f"note: job {job.name}: " + "; ".join(problems))
+    table = write_summary(path, plots=True)
+    if not len(table):
+        print(f"note: {path} has no job directories yet")
+    print(f"Summarised {len(table)} jobs into {path / 'summary.csv'} with comparison plots")
+    best = best_by_validation_line(table)
+    if best:
+        print(best)
+    line = failed_jobs_line(table)
+    if line:
+        print(f"note: {line}")
+    return 0
 
 
 if __name__ == "__main__":

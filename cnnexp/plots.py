@@ -13,7 +13,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cnnexp.errors import DiskFull  # noqa: E402
+from cnnexp.metrics import read_metrics  # noqa: E402
 from cnnexp.outputs import CONFUSION_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
+from cnnexp.safeio import atomic_path  # noqa: E402
 
 # The original experiment plotted one figure per metric.
 METRIC_FIGURES = {
@@ -46,37 +49,50 @@ def _mark_selected(ax, epoch: int | None) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # never half a PNG
+            fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
-def render_run(run_dir: Path) -> list[Path]:
-    """Render every figure whose inputs exist in run_dir into run_dir/plots."""
+def render_run(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
+    """Render every figure whose inputs exist in run_dir into run_dir/plots.
+
+    A half-written, damaged or older run is drawn as far as it goes: what
+    could not be drawn, and why, is added to `problems` (if given)."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
+    problems = [] if problems is None else problems
     written = []
-    metrics_path = run_dir / "metrics.csv"
-    if metrics_path.is_file():
-        metrics = pd.read_csv(metrics_path)
-        if len(metrics):
-            written += render_metric_figures(metrics, out)
-    if (run_dir / CONFUSION_FILE).is_file():
-        written.append(plot_confusion(run_dir / CONFUSION_FILE, out / "confusion_matrix.png"))
-    if (run_dir / PER_CLASS_FILE).is_file():
-        written.append(plot_per_class(run_dir / PER_CLASS_FILE, out / "per_class_accuracy.png"))
-    if (run_dir / SAMPLES_FILE).is_file():
-        written.append(plot_predictions(run_dir / SAMPLES_FILE, out / "predictions.png"))
+    metrics, problem = read_metrics(run_dir / "metrics.csv")
+    if problem:
+        problems.append(problem)
+    if metrics is not None:
+        written += render_metric_figures(metrics, out)
+    for name, draw, figure in ((CONFUSION_FILE, plot_confusion, "confusion_matrix.png"),
+                               (PER_CLASS_FILE, plot_per_class, "per_class_accuracy.png"),
+                               (SAMPLES_FILE, plot_predictions, "predictions.png")):
+        if not (run_dir / name).is_file():
+            continue
+        try:
+            written.append(draw(run_dir / name, out / figure))
+        except DiskFull:
+            raise
+        except Exception as err:  # a damaged file: skip its figure, draw the rest
+            problems.append(f"{name} cannot be drawn ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
     return written
 
 
 def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
-    written = []
+    """One figure per metric the file has, and the overview of those."""
     selected = _selected_epoch(metrics)
     figures = {**METRIC_FIGURES, **(VAL_FIGURES if selected is not None else {})}
-    for column, (title, ylabel, scale) in figures.items():
+    present = {c: spec for c, spec in figures.items() if c in metrics and metrics[c].notna().any()}
+    written = []
+    for column, (title, ylabel, scale) in present.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
         _whole_epochs(ax)
@@ -86,11 +102,16 @@ def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         written.append(_save(fig, out / f"{column}.png"))
+    overview = {c: spec for c, spec in METRIC_FIGURES.items() if c in present}
+    if not overview:
+        return written
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (column, (title, ylabel, scale)) in zip(axes.flat, METRIC_FIGURES.items()):
+    for ax in axes.flat[len(overview):]:
+        ax.axis("off")
+    for ax, (column, (title, ylabel, scale)) in zip(axes.flat, overview.items()):
         ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=2, label=column.split("_")[0])
         val_column = column.replace("test_", "val_")
-        if selected is not None and column.startswith("test_"):
+        if selected is not None and column.startswith("test_") and val_column in metrics:
             ax.plot(metrics["epoch"], metrics[val_column] * scale, marker="o", markersize=2, label="validation")
             title = title.replace("Test", "Test and validation")
         _whole_epochs(ax)
@@ -178,7 +199,7 @@ def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[
                 ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
         else:
             for label, frame in curves.items():
-                if column not in frame:
+                if column not in frame:  # a job from an older cnnexp
                     continue
                 ax.plot(frame["epoch"], frame[column] * scale, marker="o", markersize=2, label=label)
         ax.set(title=title + (" (mean ± std over seeds)" if groups else ""), xlabel="epoch", ylabel=ylabel)

@@ -1,23 +1,34 @@
 """Checks Hydra runs before it creates the run directory, so an output
-location that cannot be written, or a SLURM cluster that is not there, is one
-clear line instead of a traceback."""
+location that cannot be written, a disk with no room for Hydra's own files,
+or a SLURM cluster that is not there, is one clear line instead of a traceback."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cnnexp.errors import ConfigError
+from cnnexp.errors import CnnexpError, ConfigError, DiskFull
+from cnnexp.safeio import mount_point
 from cnnexp.validate import check_writable
+
+# Hydra writes its config copies (.hydra/, about 20 kB) before cnnexp can
+# report anything; below this much free space it would fail with a traceback.
+MIN_FREE_BYTES = 64 * 1024
 
 
 def _check(path: str) -> None:
     try:
         check_writable(Path(path))
-    except ConfigError as err:
+        free = shutil.disk_usage(path).free
+        if free < MIN_FREE_BYTES:
+            raise DiskFull(f"The disk is full: the filesystem at {mount_point(Path(path))} holding {path} has only "
+                           f"{free // 1024} kB free. Free some space, or write elsewhere with hydra.run.dir=PATH "
+                           "(hydra.sweep.dir=PATH for -m).")
+    except CnnexpError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
 

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnnexp.checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
-from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.errors import CnnexpError, ConfigError, DiskFull
 from cnnexp.objective import from_config as objective_of
 from cnnexp.objective import record_fields
 from cnnexp.observers import Observers, RunObserver, StopRun
@@ -28,6 +28,7 @@ from cnnexp.optim_args import check_optimizer
 from cnnexp.plots import render_run
 from cnnexp.pruning import search_observers
 from cnnexp.runrecord import RunRecord, read_record, versions
+from cnnexp.safeio import LogFileHandler, is_disk_full
 from cnnexp.tracking import build_tracking
 from cnnexp.train import Interrupted, config_for_resume, thread_plan, train
 from cnnexp.validate import check_writable, resolve_device, validate_config
@@ -111,7 +112,11 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                           versions=versions(),
                           threads=dict(zip(("train", "eval"), thread_plan(cfg.trainer, cfg.data.batch_size))),
                           resumed_from=str(checkpoint_path(run_dir)) if checkpoint else None)
-    record.write()
+    try:
+        record.write()
+    except DiskFull as err:
+        error(str(err))
+        return 0 if multirun else err.exit_code
     flag = StopFlag()
     selection = SelectionRecord(record, objective_name)
     if multirun and not selection.name.startswith(("best_val", "final_val")):
@@ -121,10 +126,22 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                            *search_observers()])
 
     def finish(status: str, **fields) -> None:
-        record.finish(status, **fields)  # wall_seconds: the total over every segment of the run
+        # wall_seconds: the total over every segment of the run
+        if not record.finish(status, **fields):
+            log.warning("run.json could not be updated to say %s (%s).", status, record.path)
         if status not in ("failed", "interrupted"):  # a sweeper must not learn from a broken run
             outcome["objective"] = _number(record.data.get("objective_value"))
         observers.on_finish(status, run_dir)
+
+    def failed(err: CnnexpError) -> int:
+        message = str(err)
+        if isinstance(err, DiskFull) and checkpoint_path(run_dir).is_file():
+            message += (" The rows in metrics.csv and the checkpoint of the completed epochs are kept; free some "
+                        f"space, then continue with: python -m cnnexp trainer.resume={run_dir}")
+        error(message)
+        finish("failed", error=message)
+        render_plots(run_dir)
+        return 0 if multirun else err.exit_code
 
     try:
         with graceful_stop(flag):
@@ -132,7 +149,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
                            on_step_plan=lambda plan: record.update(cpu_step=plan,
                                                                    threads={**record.data["threads"],
                                                                             "train": plan["threads"]}))
-        render_run(run_dir)
+        render_plots(run_dir, warn=True)
         fields = record_fields(selection.name, result.rows)
         if "selected_by" in fields:
             log.info("Selected epoch %d by validation accuracy %.2f %%: test accuracy %.2f %% (model_best.pt)",
@@ -147,12 +164,12 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return 0
     except StopRun as stop:  # an observer ended the run as a normal outcome (a pruned trial)
         log.info("Stopped early (%s): %s", stop.status, stop)
-        render_run(run_dir)
+        render_plots(run_dir)
         finish(stop.status, error=str(stop))
         return 0
     except Interrupted as stop:
         finish("interrupted", error=str(stop))
-        render_run(run_dir)
+        render_plots(run_dir)
         code = 128 + stop.signum
         if stop.checkpointed:
             where = f"Stopped; checkpoint in {run_dir / CHECKPOINT_NAME}."
@@ -177,14 +194,31 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         finish("interrupted", error="aborted by a second Ctrl-C (no checkpoint for this epoch)")
         return 130
     except CnnexpError as err:
-        error(str(err))
-        finish("failed", error=str(err))
-        render_run(run_dir)
-        return 0 if multirun else err.exit_code
-    except Exception as err:  # a bug: keep the traceback in the log
-        log.error("Unexpected error:\n%s", traceback.format_exc())
+        return failed(err)
+    except Exception as err:
+        if is_disk_full(err):  # met by a write cnnexp does not wrap itself (a library's)
+            return failed(DiskFull(f"The disk is full: writing into {run_dir} failed ({err})."))
+        # A bug: one line on the terminal, the traceback in the run's log.
+        _log_to_file("Unexpected error:\n" + traceback.format_exc())
+        error(f"unexpected {type(err).__name__}: {err} (a bug; the traceback is in {run_dir / 'cnnexp.log'})")
         finish("failed", error=f"{type(err).__name__}: {err}")
         return 0 if multirun else 1
+
+
+def _log_to_file(text: str) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def render_plots(run_dir: Path, warn: bool = False) -> None:
+    """Draw the run's figures as far as they can be drawn; figures never fail a run."""
+    try:
+        render_run(run_dir)
+    except Exception as err:
+        if warn:
+            log.warning("Plots not drawn (%s); redraw them later with: python -m cnnexp.plot %s", err, run_dir)
 
 
 class EpochCounter(RunObserver):
@@ -224,7 +258,7 @@ def _log_into(run_dir: Path) -> None:
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
         return
-    handler = logging.FileHandler(path, mode="a")
+    handler = LogFileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(handler)
 

@@ -9,6 +9,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cnnexp.errors import DiskFull
+from cnnexp.safeio import overwrite_in_place, write_text
+
 RUN_RECORD = "run.json"
 
 
@@ -79,10 +82,22 @@ class RunRecord:
         # wall time so far, so a segment that is killed still counts up to its last epoch
         self.update(epochs_completed=epoch, wall_seconds=self.wall_seconds())
 
-    def finish(self, status: str, **fields) -> None:
-        self.update(status=status, ended_at=now_iso(), wall_seconds=self.wall_seconds(), **fields)
+    def finish(self, status: str, **fields) -> bool:
+        """Record how the run ended. Never raises: on a full disk it writes over
+        run.json in place; False if even that failed."""
+        self.data.update(status=status, ended_at=now_iso(), wall_seconds=self.wall_seconds(), **fields)
+        try:
+            self.write()
+            return True
+        except (OSError, DiskFull):
+            try:
+                overwrite_in_place(self.path, self.text())
+                return True
+            except OSError:
+                return False
+
+    def text(self) -> str:
+        return json.dumps(self.data, indent=2, default=str) + "\n"
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
+        write_text(self.path, self.text())

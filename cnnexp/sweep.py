@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,8 +18,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cnnexp.errors import CnnexpError
+from cnnexp.metrics import read_metrics
 from cnnexp.plots import render_sweep
 from cnnexp.runrecord import read_record
+from cnnexp.safeio import atomic_path
 
 log = logging.getLogger("cnnexp")
 SUMMARY_FILE = "summary.csv"
@@ -63,12 +65,9 @@ def job_overrides(job_dir: Path) -> dict[str, str]:
 
 
 def _read_metrics(path: Path) -> pd.DataFrame | None:
-    """A job's metrics.csv, or None when it is missing or has no rows yet."""
-    try:
-        metrics = pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
-        return None
-    return metrics if len(metrics) else None
+    """A job's metrics.csv, or None when it is missing, unreadable or has no rows yet."""
+    metrics = read_metrics(path)[0]
+    return metrics if metrics is not None and {"test_acc", "train_loss"} <= set(metrics.columns) else None
 
 
 def _job_row(job_dir: Path) -> tuple[dict, pd.DataFrame | None]:
@@ -174,11 +173,13 @@ def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
         except ConfigError as err:  # optuna missing here: the plain job summary still helps
             log.warning("%s; summarising the jobs without the study.", err)
     table, curves, groups = summarise(sweep_dir)
-    tmp = sweep_dir / f".{SUMMARY_FILE}.tmp{os.getpid()}"
-    table.to_csv(tmp, index=False)
-    tmp.replace(sweep_dir / SUMMARY_FILE)  # parallel jobs each write whole files: last one wins
+    with atomic_path(sweep_dir / SUMMARY_FILE) as tmp:  # parallel jobs each write whole files: last one wins
+        table.to_csv(tmp, index=False)
     if plots and curves:
-        render_sweep(sweep_dir, curves, groups)
+        try:
+            render_sweep(sweep_dir, curves, groups)
+        except Exception as err:  # figures are a view of summary.csv; never lose the summary over them
+            log.warning("Comparison plots not drawn (%s); redraw them with: python -m cnnexp.plot %s", err, sweep_dir)
     return table
 
 
@@ -227,7 +228,11 @@ class SweepSummaryCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        table = write_summary(sweep_dir, plots=True)
+        try:
+            table = write_summary(sweep_dir, plots=True)
+        except CnnexpError as err:  # summary.csv does not fit on the disk
+            print(f"cnnexp: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         log.info("Sweep summary: %s", sweep_dir / SUMMARY_FILE)
         best = best_by_validation_line(table)
         if best:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shlex
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from cnnexp.plots import plt, render_sweep
 from cnnexp.pruning import open_storage, require_optuna
 from cnnexp.runrecord import read_record
+from cnnexp.safeio import write_text
 from cnnexp.sweep import job_dirs, job_overrides, summarise, swept_keys
 
 log = logging.getLogger("cnnexp")
@@ -42,10 +42,8 @@ def is_search(sweep_dir: Path) -> bool:
 def write_marker(sweep_dir: Path, **info) -> None:
     """search.yaml; storage None means optuna.db beside it (so the dir can be moved)."""
     path = Path(sweep_dir) / SEARCH_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("# Written by cnnexp's Optuna sweeper: where the study lives and what it optimises.\n"
-                   + yaml.safe_dump(info, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, "# Written by cnnexp's Optuna sweeper: where the study lives and what it optimises.\n"
+               + yaml.safe_dump(info, sort_keys=False))
 
 
 def read_marker(sweep_dir: Path) -> dict:
@@ -176,9 +174,7 @@ def write_search_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)  # parallel jobs each write whole files: last one wins
+    write_text(path, text)  # parallel jobs each write whole files: last one wins; no temp file left on failure
 
 
 # ------------------------------------------------------------------ figures

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from cnnexp.runrecord import read_record
+from cnnexp.safeio import write_text
 
 try:
     import fcntl
@@ -176,9 +177,7 @@ class MlflowTracker(Tracker):
                                          tags={"cnnexp.sweep_dir": str(self.sweep_dir.resolve())})
             run_id = run.info.run_id
         finally:
-            tmp = path.with_name(f".{PARENT_FILE}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({**key, "run_id": run_id}) + "\n")
-            tmp.replace(path)
+            write_text(path, json.dumps({**key, "run_id": run_id}) + "\n")  # no temp file left on failure
         return run_id
 
     def _end_parent(self) -> None:

@@ -137,13 +137,16 @@ class Config:
 
 
 def register_configs() -> None:
+    """The schema nodes live in schema/<group>, apart from the groups' options, so
+    that Hydra's option lists (and `cnnexp --help`) show only what a user picks.
+    A group option extends its node with `- /schema/<group>/<name>@_here_`."""
     cs = ConfigStore.instance()
     cs.store(name="cnnexp_schema", node=Config)
-    cs.store(group="model", name="tutorial_cnn_schema", node=TutorialCNNConfig)
-    cs.store(group="model", name="wide_cnn_schema", node=WideCNNConfig)
-    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
-    cs.store(group="optim", name="adam_schema", node=AdamConfig)
-    cs.store(group="data", name="cifar10_schema", node=Cifar10Config)
-    cs.store(group="data", name="synthetic_schema", node=SyntheticConfig)
-    cs.store(group="data", name="imagefolder_schema", node=ImageFolderConfig)
-    cs.store(group="trainer", name="default_schema", node=TrainerConfig)
+    cs.store(group="schema/model", name="tutorial_cnn", node=TutorialCNNConfig)
+    cs.store(group="schema/model", name="wide_cnn", node=WideCNNConfig)
+    cs.store(group="schema/optim", name="sgd", node=SGDConfig)
+    cs.store(group="schema/optim", name="adam", node=AdamConfig)
+    cs.store(group="schema/data", name="cifar10", node=Cifar10Config)
+    cs.store(group="schema/data", name="synthetic", node=SyntheticConfig)
+    cs.store(group="schema/data", name="imagefolder", node=ImageFolderConfig)
+    cs.store(group="schema/trainer", name="default", node=TrainerConfig)

@@ -127,7 +127,24 @@ def check_all_targets(cfg: DictConfig) -> None:
         group = key.split(".")[0]
         if key == "optim":  # the optim group's own keys another optimiser lacks are left out, not refused
             node = optimizer_config(node, quiet=True)
-        check_target(node, key, supplied=SUPPLIED.get(group, ()), complete=group in SUPPLIED and key == group)
+        target = check_target(node, key, supplied=SUPPLIED.get(group, ()), complete=group in SUPPLIED and key == group)
+        if key == "optim":
+            check_step(node, target)
+
+
+def check_step(node: DictConfig, optimizer) -> None:
+    """cnnexp's loop calls optimizer.step() with no arguments; LBFGS and the like
+    need a closure that re-evaluates the loss."""
+    try:
+        params = list(inspect.signature(optimizer.step).parameters.values())[1:]
+    except (AttributeError, TypeError, ValueError):
+        return
+    needed = [p.name for p in params
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if needed:
+        raise ConfigError(f"optim._target_={node._target_!r} needs {', '.join(needed)} in every step() (a function "
+                          "that re-evaluates the loss), which cnnexp's training loop does not give; choose another "
+                          "optimiser, such as optim=sgd or optim=adam.")
 
 
 def _target_nodes(node, key: str):

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.errors import ConfigError
 from cnnexp.targets import check_all_targets
@@ -26,7 +26,12 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
 
 
+# What a mandatory key (??? in the config) holds, for the message when it is not set.
+MANDATORY_HINTS = {"data.root": "a folder holding train/<class>/ and test/<class>/"}
+
+
 def validate_config(cfg: DictConfig) -> None:
+    check_mandatory(cfg)
     optim, data, trainer = cfg.optim, cfg.data, cfg.trainer
     _require(optim.lr > 0, "optim.lr", optim.lr, "the learning rate must be > 0")
     if "momentum" in optim:
@@ -69,6 +74,15 @@ def validate_config(cfg: DictConfig) -> None:
         check_layout(str(data.root))
         _require(data.resize is None or data.resize >= 1, "data.resize", data.resize, "null or a size >= 1")
     check_split_and_objective(cfg)
+
+
+def check_mandatory(cfg: DictConfig) -> None:
+    """Keys a group option leaves for the user to set (data=imagefolder's data.root)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        hint = f" ({MANDATORY_HINTS[key]})" if key in MANDATORY_HINTS else ""
+        raise ConfigError(f"{key} must be set: add {key}=...{hint} to the command.")
 
 
 def validate_model(model: DictConfig) -> None:

@@ -84,8 +84,8 @@ def test_every_target_in_a_config_is_checked_also_in_groups_cnnexp_does_not_know
     cfg = compose_cfg(["data=synthetic"])
     check_all_targets(cfg)  # the defaults are sound
     OmegaConf.set_struct(cfg, False)
-    cfg.logger = {"tensorboard": {"_target_": "nosuch_tracker.Logger"}}
-    with pytest.raises(ConfigError, match=r"logger.tensorboard._target_='nosuch_tracker.Logger' cannot be imported"):
+    cfg.plugins = {"tracker": {"_target_": "nosuch_tracker.Logger"}}
+    with pytest.raises(ConfigError, match=r"plugins.tracker._target_='nosuch_tracker.Logger' cannot be imported"):
         check_all_targets(cfg)
     listed = OmegaConf.create({"callbacks": [{"_target_": "collections.OrderedDict"}, {"_target_": "no.Such"}]})
     with pytest.raises(ConfigError, match=r"callbacks\[1\]._target_='no.Such'"):
@@ -105,6 +105,7 @@ def test_every_target_in_a_config_is_checked_also_in_groups_cnnexp_does_not_know
     (["data.seed=-3"], "data.seed"),
     (["data.noise=-1"], "data.noise"),
     (["data.std=[0.5,0.5]"], "data.mean"),
+    (["optim._target_=torch.optim.LBFGS"], "optim._target_"),  # needs a closure in step()
 ])
 def test_config_errors_name_the_key(compose_cfg, overrides, key):
     cfg = compose_cfg(["data=synthetic", *overrides])
@@ -112,6 +113,21 @@ def test_config_errors_name_the_key(compose_cfg, overrides, key):
         validate_config(cfg)
     assert str(err.value).startswith(key)
     assert err.value.exit_code == 2
+
+
+def test_a_mandatory_key_left_unset_is_named_with_what_it_holds(compose_cfg):
+    with pytest.raises(ConfigError, match=r"data.root must be set: add data.root=\.\.\. \(a folder holding train/"):
+        validate_config(compose_cfg(["data=imagefolder"]))
+
+
+def test_group_options_offered_by_hydra_are_the_real_ones_not_the_schema_nodes(compose_cfg):
+    with pytest.raises(Exception) as err:
+        compose_cfg(["model=nosuch"])
+    options = str(err.value).split("Available options in 'model':")[1].split("Config search path")[0]
+    assert options.split() == ["tutorial_cnn", "wide_cnn"]
+    with pytest.raises(Exception) as err:  # the schema still types the keys
+        compose_cfg(["optim.lr=abc"])
+    assert "could not be converted to Float" in str(err.value.__cause__)
 
 
 def test_sound_model_values_pass(compose_cfg):
@@ -130,19 +146,19 @@ def test_a_bad_target_is_one_line_exit_2_before_any_data_is_read(tmp_path):
 
 # ------------------------------------------------------------ first impressions
 def test_help_describes_cnnexp_and_lists_real_options_also_from_a_users_own_folder(tmp_path):
-    (tmp_path / "my_conf" / "logger").mkdir(parents=True)
-    (tmp_path / "my_conf" / "logger" / "jsonl.yaml").write_text("path: log.jsonl\n")
+    (tmp_path / "my_conf" / "augment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "augment" / "flip.yaml").write_text("p: 0.5\n")
     result = run_cli(["model=wide_cnn", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "--help"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("cnnexp: train image classifiers")
     assert "_schema" not in text
     groups = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()
-              if line.startswith("  ") and line.split()[0] in {"data", "model", "optim", "trainer", "logger",
+              if line.startswith("  ") and line.split()[0] in {"data", "model", "optim", "trainer", "augment",
                                                                  "hydra/launcher"}}
     assert groups["model"] == "tutorial_cnn, wide_cnn*"  # the chosen option is marked
     assert groups["optim"] == "adam, sgd*" and groups["data"] == "cifar10*, imagefolder, synthetic"
-    assert groups["logger"].startswith("jsonl") and "+logger=NAME" in groups["logger"]
+    assert groups["augment"] == "flip   (add with +augment=NAME)"  # a group of the user's own
     assert "joblib" in groups["hydra/launcher"]
     for example in ("cnnexp -m ", "trainer.resume=", "python -m cnnexp.plot", "outputs/<date>/<time>/"):
         assert example in text

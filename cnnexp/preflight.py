@@ -20,8 +20,10 @@ from cnnexp.validate import check_writable
 MIN_FREE_BYTES = 64 * 1024
 
 
-def _check(path: str) -> None:
+def _check(path: str, key: str) -> None:
     try:
+        if not str(path).strip():
+            raise ConfigError(f"{key} is empty; give the directory to write into, e.g. {key}=outputs/my_run.")
         check_writable(Path(path))
         free = shutil.disk_usage(path).free
         if free < MIN_FREE_BYTES:
@@ -40,11 +42,11 @@ class OutputDirCheck(Callback):
         if is_slurm_launcher(config.hydra.launcher):  # Hydra uses launchers for -m only
             print("warning: hydra/launcher=slurm applies to sweeps only; this run trains here. "
                   "Add -m to submit it to SLURM as a one-job sweep.", file=sys.stderr)
-        _check(config.hydra.run.dir)
+        _check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check_launcher(config.hydra.launcher)  # before the sweep dir exists
-        _check(config.hydra.sweep.dir)
+        _check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 def _check_launcher(launcher: DictConfig) -> None:

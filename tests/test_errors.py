@@ -347,3 +347,19 @@ def test_plot_command_on_an_empty_metrics_file_is_one_note_and_no_traceback(tmp_
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr == ""
     assert "note:" in result.stdout and "metrics.csv is empty" in result.stdout
+
+
+def test_an_empty_output_dir_or_a_disk_without_room_for_hydras_files_is_refused_before_the_run(
+        tmp_path, monkeypatch, capsys):
+    from cnnexp import preflight
+
+    with pytest.raises(SystemExit) as stop:
+        preflight._check("", "hydra.run.dir")
+    assert stop.value.code == 2 and "hydra.run.dir is empty" in capsys.readouterr().err
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=8 * 1024))
+    with pytest.raises(SystemExit) as stop:
+        preflight._check(str(tmp_path / "run"), "hydra.run.dir")
+    assert stop.value.code == 1
+    assert f"The disk is full: the filesystem at {preflight.mount_point(tmp_path)} holding {tmp_path / 'run'} has " \
+           "only 8 kB free" in capsys.readouterr().err

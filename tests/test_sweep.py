@@ -54,8 +54,9 @@ def test_seed_sweep_reports_mean_and_std(tmp_path):
         assert len(members) == 2 and group.startswith("optim.lr=") and "trainer.seed" not in group
         for metric in GROUPED_METRICS:
             values = members[metric].to_numpy()
-            assert (members[f"group_mean_{metric}"] == pytest.approx(values.mean())).all(), metric
-            assert (members[f"group_std_{metric}"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)).all()
+            assert members[f"group_mean_{metric}"].tolist() == pytest.approx([values.mean()] * 2), metric
+            sample_std = abs(values[0] - values[1]) / 2**0.5  # n - 1 = 1
+            assert members[f"group_std_{metric}"].tolist() == pytest.approx([sample_std] * 2), metric
 
 
 @pytest.mark.slow

@@ -17,6 +17,19 @@ from cnnexp.cli import config_dir
 SMALL = ["data=synthetic", "data.n_train=400", "data.n_test=200", "trainer.progress=log"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Step-plan timings and compiled kernels of test runs stay out of the user's cache."""
+    path = tmp_path_factory.mktemp("cnnexp-cache")
+    previous = os.environ.get("CNNEXP_CACHE_DIR")
+    os.environ["CNNEXP_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("CNNEXP_CACHE_DIR", None)
+    else:
+        os.environ["CNNEXP_CACHE_DIR"] = previous
+
+
 @pytest.fixture
 def compose_cfg():
     def _compose(overrides=()):

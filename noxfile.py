@@ -9,7 +9,10 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session
 def tests(session: nox.Session) -> None:
     session.install(".[test,all]")  # the trackers' tests read back what TensorBoard and MLflow stored
-    session.run("pytest", *session.posargs)
+    # Most tests wait on a CLI subprocess of their own: one worker per core halves the
+    # suite's wall time. A file's tests share a worker, so its shared runs and the
+    # SLURM cluster's jobs are not split across workers.
+    session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session

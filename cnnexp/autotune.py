@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from cnnexp.engine import cpu_settings
+from cnnexp.errors import DiskFull
+from cnnexp.safeio import write_text
 
 log = logging.getLogger("cnnexp")
 
@@ -115,10 +117,8 @@ def write_cache(path: Path, key: str, plan: StepPlan) -> None:
         data = read_cache(path) or {"format": CACHE_FORMAT, "plans": {}}
         data["plans"][key] = {"threads": plan.threads, "onednn": plan.onednn, "kernel": plan.kernel,
                               "ms_per_step": plan.ms_per_step, "cpu": cpu_model(), "torch": torch.__version__}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as err:  # a read-only home costs the next run a re-timing, nothing more
+        write_text(path, json.dumps(data, indent=1) + "\n")  # no temp file left if it fails
+    except (OSError, DiskFull) as err:  # a read-only home costs the next run a re-timing, nothing more
         log.warning("Could not cache the step choice in %s (%s)", path, err)
 
 

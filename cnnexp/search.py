@@ -166,15 +166,12 @@ def write_search_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     study, info = open_study(sweep_dir)
     table = search_table(sweep_dir, study, info)
-    _atomic_write(sweep_dir / SUMMARY_FILE, table.to_csv(index=False))
-    _atomic_write(sweep_dir / BEST_FILE, describe(sweep_dir, study, info, table))
+    # Parallel jobs each write whole files: the last one wins.
+    write_text(sweep_dir / SUMMARY_FILE, table.to_csv(index=False))
+    write_text(sweep_dir / BEST_FILE, describe(sweep_dir, study, info, table))
     if plots:
         render_search(sweep_dir, study, table, info.get("objective", "objective"))
     return table
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_text(path, text)  # parallel jobs each write whole files: last one wins; no temp file left on failure
 
 
 # ------------------------------------------------------------------ figures

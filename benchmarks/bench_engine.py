@@ -35,8 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnexp.cpu import cpu_settings
 from cnnexp.data import Normalizer
-from cnnexp.engine import Engine, FlatSGD, cpu_settings, evaluate
+from cnnexp.engine.evaluate import evaluate
+from cnnexp.engine.kernels import CompiledStepper
+from cnnexp.engine.optimizers import FlatSGD
+from cnnexp.engine.steppers import Engine
 from cnnexp.models import TutorialCNN
 
 # ----------------------------------------------------------------- data
@@ -105,7 +109,7 @@ def cnnexp_train(model, x, y, steps: int, device: torch.device, cuda_graph: bool
     """x: uint8 images on the device, normalised inside the step as in a real run."""
     optimizer = FlatSGD(model, lr=0.001, momentum=0.9, capturable=device.type == "cuda" and cuda_graph)
     engine = Engine(model, optimizer, steps * 4, 4, device, num_classes=10, cuda_graph=cuda_graph,
-                    prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device), compiled=compiled)
+                    prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device), stepper_class=CompiledStepper if compiled else None)
     perm = torch.randperm(x.shape[0])[: steps * 4]
     engine.train_epoch(x, y, perm[: 4 * 8])  # warm-up (and graph capture on CUDA)
     if device.type == "cuda":
@@ -175,19 +179,19 @@ def tuner_plan(device: torch.device):
     (read from the user cache when a run already timed it)."""
     from omegaconf import OmegaConf
 
-    from cnnexp.autotune import plan_cpu_step
-    from cnnexp.cores import cpu_budget
+    from cnnexp.cpu import cpu_budget
+    from cnnexp.engine.autotune import plan_cpu_step
 
     sgd = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001, "momentum": 0.9,
                             "weight_decay": 0.0, "nesterov": False})
     trainer = OmegaConf.create({"num_threads": None, "fast_path": True, "cpu_step": "auto"})
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    return plan_cpu_step(TutorialCNN(), sgd, trainer, x, torch.arange(4), Normalizer([0.5] * 3, [0.5] * 3, 3, device),
-                         10, cpu_budget())
+    return plan_cpu_step(TutorialCNN(), sgd, trainer, x, torch.arange(4),
+                         prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, device), num_classes=10, budget=cpu_budget())
 
 
 def compiled_problem() -> str | None:
-    from cnnexp.kernels import unsupported_reason
+    from cnnexp.engine.kernels import unsupported_reason
 
     return unsupported_reason(TutorialCNN(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
 
@@ -205,7 +209,7 @@ def real_epochs(root: str, compiled: bool) -> dict:
     from omegaconf import OmegaConf
 
     from cnnexp.data import to_device
-    from cnnexp.imagefolder import read_imagefolder
+    from cnnexp.data.imagefolder import read_imagefolder
 
     times = {}
     torch.set_num_threads(os.cpu_count())
@@ -229,7 +233,7 @@ def real_epochs(root: str, compiled: bool) -> dict:
         optimizer = FlatSGD(model, lr=0.001, momentum=0.9)
         n = data.train_x.shape[0]
         engine = Engine(model, optimizer, n, 4, torch.device("cpu"), num_classes=10, prepare=data.normalize,
-                        compiled=kind == "compiled")
+                        stepper_class=CompiledStepper if kind == "compiled" else None)
         with cpu_settings(1, False):
             engine.train_epoch(data.train_x, data.train_y, torch.randperm(n))
         cnnexp_eval_data(model, data)
@@ -280,7 +284,7 @@ def main() -> None:
         return
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    from cnnexp.autotune import cpu_model
+    from cnnexp.cpu import cpu_model
 
     print(f"CPU: {cpu_model()} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
           f" usable cores); torch {torch.__version__}, device {device}")
@@ -310,7 +314,7 @@ def main() -> None:
             results["ref_eval"].append(reference_eval(TutorialCNN(), test_loader))
             results["eager_step"].append(cnnexp_train(TutorialCNN(), x, y, args.steps, device))
             if not problem:
-                results["compiled_step"].append(cnnexp_train(TutorialCNN(), x, y, args.steps, device, compiled=True))
+                results["compiled_step"].append(cnnexp_train(TutorialCNN(), x, y, args.steps, device, stepper_class=CompiledStepper))
         else:
             results["eager_step"].append(cnnexp_train(TutorialCNN().to(device), x, y, args.steps, device, False))
             results["fast_step"].append(cnnexp_train(TutorialCNN().to(device), x, y, args.steps, device))

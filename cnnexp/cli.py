@@ -1,7 +1,7 @@
 """The command line: `python -m cnnexp [overrides]` or `cnnexp [overrides]`.
 
 Hydra composes conf/config.yaml with the overrides and checks them against
-the schema; run_job (cnnexp/run.py) does the rest.
+the schema; run_job (cnnexp/run/job.py) does the rest.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.help import config_groups_text
-from cnnexp.schema import register_configs
+from cnnexp.config.help import config_groups_text
+from cnnexp.config.schema import register_configs
 
 
 def config_dir() -> str:
@@ -52,7 +52,7 @@ register_configs()
 def hydra_entry(cfg: DictConfig) -> float:
     """One job. Returns the value of trainer.objective, so any Hydra sweeper can
     optimise it (NaN for a failed run: Optuna records such a trial as failed)."""
-    from cnnexp.run import run_job
+    from cnnexp.run.job import run_job
 
     hc = HydraConfig.get()
     outcome: dict = {}

@@ -14,8 +14,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnexp.errors import DiskFull  # noqa: E402
-from cnnexp.metrics import read_metrics  # noqa: E402
-from cnnexp.outputs import CONFUSION_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
+from cnnexp.results.files import CONFUSION_FILE, METRICS_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
+from cnnexp.results.metrics import read_metrics  # noqa: E402
+from cnnexp.results.objective import selected_row  # noqa: E402
 from cnnexp.safeio import atomic_path  # noqa: E402
 
 # The original experiment plotted one figure per metric.
@@ -33,10 +34,9 @@ VAL_FIGURES = {
 
 
 def _selected_epoch(metrics: pd.DataFrame) -> int | None:
-    """The epoch a run with a validation split selects (highest val_acc, first of equals)."""
-    if "val_acc" not in metrics or metrics["val_acc"].isna().all():
-        return None
-    return int(metrics.loc[metrics["val_acc"].idxmax(), "epoch"])
+    """The epoch a run with a validation split selects (results/objective.py)."""
+    best = selected_row(metrics.to_dict("records"))
+    return None if best is None else int(best["epoch"])
 
 
 def _whole_epochs(ax) -> None:
@@ -67,7 +67,7 @@ def render_run(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
     out = run_dir / "plots"
     problems = [] if problems is None else problems
     written = []
-    metrics, problem = read_metrics(run_dir / "metrics.csv")
+    metrics, problem = read_metrics(run_dir / METRICS_FILE)
     if problem:
         problems.append(problem)
     if metrics is not None:

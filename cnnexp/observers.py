@@ -2,7 +2,7 @@
 
 The run record, live trackers (TensorBoard, MLflow) and a search's pruner all
 follow a run at the same few points, so they share one small interface.
-run.py builds the list for a run; train.py calls it. metrics.csv and the
+run/job.py builds the list for a run; run/loop.py calls it. metrics.csv and the
 checkpoint are written before any observer hears of an epoch, so an observer
 can never cost a row. An observer whose failure is harmless (a tracker)
 catches its own errors; an observer that raises StopRun from on_epoch ends

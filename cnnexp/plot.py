@@ -12,19 +12,12 @@ import sys
 from pathlib import Path
 
 from cnnexp.errors import CnnexpError
-from cnnexp.metrics import read_metrics
-from cnnexp.outputs import CONFUSION_FILE
-from cnnexp.plots import plot_against_original, render_run
-from cnnexp.runrecord import read_record
-from cnnexp.sweep import (
-    best_by_validation_line,
-    failed_jobs_line,
-    is_sweep_dir,
-    job_dirs,
-    write_summary,
-)
-
-RUN_MARKERS = ("metrics.csv", "run.json", ".hydra/config.yaml", "checkpoints/last.pt")
+from cnnexp.figures import plot_against_original, render_run
+from cnnexp.results.files import CONFUSION_FILE, METRICS_FILE, RUN_MARKERS
+from cnnexp.results.metrics import read_metrics
+from cnnexp.results.record import read_record
+from cnnexp.sweep.summary import write_summary
+from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line, is_sweep_dir, job_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +50,7 @@ def plot_run(path: Path, against_original: bool) -> int:
     problems: list[str] = []
     written = render_run(path, problems)
     if against_original:
-        metrics, _ = read_metrics(path / "metrics.csv")
+        metrics, _ = read_metrics(path / METRICS_FILE)
         if metrics is not None and "test_acc" in metrics:
             written.append(plot_against_original(metrics, path / "plots" / "test_acc_vs_original.png"))
         else:

@@ -11,9 +11,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cnnexp.config.checks import check_writable
 from cnnexp.errors import CnnexpError, ConfigError, DiskFull
 from cnnexp.safeio import mount_point
-from cnnexp.validate import check_writable
 
 # Hydra writes its config copies (.hydra/, about 20 kB) before cnnexp can
 # report anything; below this much free space it would fail with a traceback.
@@ -37,7 +37,7 @@ def _check(path: str, key: str) -> None:
 
 class OutputDirCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from cnnexp.slurm import is_slurm_launcher
+        from cnnexp.sweep.slurm import is_slurm_launcher
 
         if is_slurm_launcher(config.hydra.launcher):  # Hydra uses launchers for -m only
             print("warning: hydra/launcher=slurm applies to sweeps only; this run trains here. "
@@ -50,7 +50,7 @@ class OutputDirCheck(Callback):
 
 
 def _check_launcher(launcher: DictConfig) -> None:
-    from cnnexp.slurm import check_cluster, is_slurm_launcher
+    from cnnexp.sweep.slurm import check_cluster, is_slurm_launcher
 
     if not is_slurm_launcher(launcher):
         return

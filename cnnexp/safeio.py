@@ -100,6 +100,16 @@ def _sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through atomic_path (weights, checkpoints)."""
+    import torch  # only writers of tensors pay for it
+
+    with atomic_path(path, durable=True) as tmp:
+        # Through a Python file, so a full disk surfaces as an OSError (ENOSPC).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+
 def write_text(path: Path, text: str, durable: bool = False) -> None:
     with atomic_path(path, durable) as tmp:
         with open(tmp, "w", newline="") as f:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnnexp import autotune
 from cnnexp.data import Normalizer
+from cnnexp.engine import autotune
 from cnnexp.models import TutorialCNN
 
 SGD = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001, "momentum": 0.9,
@@ -29,7 +29,8 @@ def plan(tmp_path, batch, model=None, budget=2, **trainer_overrides):
     x, y = batch
     model = model or TutorialCNN()
     return autotune.plan_cpu_step(model, SGD, trainer(**trainer_overrides), x, y,
-                                  Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), model.fc3.out_features, budget,
+                                  prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"),
+                                  num_classes=model.fc3.out_features, budget=budget,
                                   cache_file=tmp_path / "plans.json", seconds=0.1)
 
 
@@ -80,7 +81,8 @@ def test_a_resumed_run_keeps_the_step_it_started_with(tmp_path, batch, monkeypat
     monkeypatch.setattr(autotune, "time_candidates", lambda *a, **k: pytest.fail("timed on resume"))
     previous = {"threads": 2, "onednn": True, "kernel": "eager"}
     x, y = batch
-    resumed = autotune.plan_cpu_step(TutorialCNN(), SGD, trainer(), x, y, None, 10, 2, previous=previous,
+    resumed = autotune.plan_cpu_step(TutorialCNN(), SGD, trainer(), x, y, prepare=None, num_classes=10, budget=2,
+                                     previous=previous,
                                      cache_file=tmp_path / "plans.json")
     assert (resumed.threads, resumed.onednn, resumed.kernel, resumed.chosen_by) == (2, True, "eager", "checkpoint")
 

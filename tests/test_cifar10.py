@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnnexp.cifar10 import ARCHIVE_NAME, FOLDER_NAME, read_cifar10
+from cnnexp.data.cifar10 import ARCHIVE_NAME, FOLDER_NAME, read_cifar10
 from cnnexp.errors import DataError
 from conftest import run_cli
 

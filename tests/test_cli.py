@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from cnnexp.config.checks import validate_config
 from cnnexp.errors import ConfigError
-from cnnexp.metrics import COLUMNS
-from cnnexp.validate import validate_config
+from cnnexp.results.metrics import COLUMNS
 from conftest import SMALL, run_cli
 
 RUN_PLOTS = ["train_loss", "test_loss", "train_acc", "test_acc", "confusion_matrix", "per_class_accuracy",

@@ -90,10 +90,10 @@ def test_slurm_preset_composes_with_submitit(tmp_path):
 
 # ------------------------------------------------ optimisers named by _target_
 def test_another_optimiser_gets_only_the_arguments_it_takes(compose_cfg):
-    from cnnexp.engine import FlatSGD, TorchOptimizer, build_optimizer
+    from cnnexp.config.checks import validate_config
+    from cnnexp.config.targets import check_optimizer, optimizer_config
+    from cnnexp.engine.optimizers import FlatSGD, TorchOptimizer, build_optimizer
     from cnnexp.models import TutorialCNN
-    from cnnexp.optim_args import check_optimizer, optimizer_config
-    from cnnexp.validate import validate_config
 
     cfg = compose_cfg(["data=synthetic", "optim._target_=torch.optim.RMSprop"])  # the sgd group: momentum 0.9, nesterov false
     validate_config(cfg)  # the sgd group's nesterov, at its group value, is no error for RMSprop
@@ -116,9 +116,9 @@ def test_another_optimiser_gets_only_the_arguments_it_takes(compose_cfg):
     (["optim._target_=torch.optim.LBFGS"], "closure"),  # its step() re-evaluates the loss itself
 ])
 def test_a_bad_optimiser_combination_is_a_config_error(compose_cfg, overrides, named):
+    from cnnexp.config.checks import validate_config
+    from cnnexp.config.targets import check_optimizer
     from cnnexp.errors import ConfigError
-    from cnnexp.optim_args import check_optimizer
-    from cnnexp.validate import validate_config
 
     cfg = compose_cfg(["data=synthetic", *overrides])
     with pytest.raises(ConfigError, match=named) as info:

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from cnnexp import cores
+from cnnexp import cpu as cores
 from cnnexp.cli import config_dir
 
 

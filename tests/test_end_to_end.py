@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnexp.metrics import TIMING_COLUMNS
+from cnnexp.results.metrics import TIMING_COLUMNS
 from conftest import StderrLines, run_cli, start_cli, write_module
 
 pytestmark = pytest.mark.slow

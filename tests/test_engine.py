@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cnnexp.engine import Engine, FlatSGD, TorchOptimizer, build_optimizer, evaluate
+from cnnexp.engine.evaluate import evaluate
+from cnnexp.engine.kernels import CompiledStepper
+from cnnexp.engine.optimizers import FlatSGD, TorchOptimizer, build_optimizer
+from cnnexp.engine.steppers import Engine
 from cnnexp.models import TutorialCNN, WideCNN
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -136,7 +139,7 @@ def test_cuda_graph_replays_the_eager_step():
 @pytest.fixture(scope="session")
 def compiled_library():
     """Build the compiled step once for the whole session (the first build takes seconds)."""
-    from cnnexp.kernels.build import BuildError, compiler, load
+    from cnnexp.engine.kernels.build import BuildError, compiler, load
 
     if compiler() is None:
         pytest.skip("no C++ compiler on this machine: the compiled step falls back to eager")
@@ -173,7 +176,7 @@ def train_both(model_class, sgd, n=398, batch_size=4, epochs=1, lrs=None):
         model = copy.deepcopy(start)
         optimizer = FlatSGD(model, **sgd)
         engine = Engine(model, optimizer, n, batch_size, torch.device("cpu"), num_classes=10,
-                        prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), compiled=compiled)
+                        prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), stepper_class=CompiledStepper if compiled else None)
         for epoch in range(epochs):
             if lrs:
                 optimizer.set_lr(lrs[epoch])
@@ -221,7 +224,7 @@ def test_compiled_epoch_stopped_and_resumed_equals_an_uninterrupted_one(compiled
 
     def engine_for(model):
         return Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), n, 4, torch.device("cpu"), num_classes=10,
-                      prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), compiled=True)
+                      prepare=Normalizer([0.5] * 3, [0.5] * 3, 3, "cpu"), stepper_class=CompiledStepper)
 
     whole_model = copy.deepcopy(start)
     whole = engine_for(whole_model).train_epoch(data, labels, perm)
@@ -247,7 +250,7 @@ def test_compiled_step_reports_a_nan_at_its_step(compiled_library):
     data, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
     data[17] = float("nan")  # sample 17 lands in step 5 (0-based 4) in order
     engine = Engine(model, FlatSGD(model, lr=0.01, momentum=0.9), 40, 4, torch.device("cpu"), num_classes=10,
-                    nan_check_every=3, compiled=True)
+                    nan_check_every=3, stepper_class=CompiledStepper)
     result = engine.train_epoch(data, labels, torch.arange(40))
     assert result.first_bad_step == 4
     assert result.steps < 10
@@ -263,14 +266,14 @@ def test_compiled_step_reports_a_nan_at_its_step(compiled_library):
                                  torch.nn.Linear(4 * 10 * 10, 10)), "MaxPool2d(2)"),
 ])
 def test_models_outside_the_compiled_layers_say_why(model, reason):
-    from cnnexp.kernels import unsupported_reason
+    from cnnexp.engine.kernels import unsupported_reason
 
     assert reason in unsupported_reason(model(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_other_optimisers_and_no_compiler_fall_back_with_a_reason(monkeypatch):
-    from cnnexp.autotune import compiled_step_problem
-    from cnnexp.kernels import build
+    from cnnexp.engine.autotune import compiled_step_problem
+    from cnnexp.engine.kernels import build
 
     batch = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
     adam = OmegaConf.create({"_target_": "torch.optim.Adam", "lr": 0.01})

@@ -15,15 +15,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnnexp import runrecord
+from cnnexp.config.checks import validate_config
+from cnnexp.config.targets import check_all_targets, check_target, locate
 from cnnexp.data import ImageSplits
 from cnnexp.errors import ConfigError, DiskFull
-from cnnexp.metrics import MetricsCSV
 from cnnexp.plot import main as plot_main
-from cnnexp.runrecord import RunRecord
+from cnnexp.results import record as runrecord
+from cnnexp.results.metrics import MetricsCSV
+from cnnexp.results.record import RunRecord
 from cnnexp.safeio import appending, atomic_path, is_disk_full
-from cnnexp.targets import check_all_targets, check_target, locate
-from cnnexp.validate import validate_config
 from conftest import SMALL, run_cli
 
 
@@ -218,7 +218,7 @@ def test_run_json_is_written_in_place_when_no_temp_file_fits(tmp_path, monkeypat
 
 
 def test_an_image_cache_that_does_not_fit_leaves_no_temp_file(tmp_path, monkeypatch):
-    from cnnexp import imagefolder
+    from cnnexp.data import imagefolder
 
     def save_half(obj, f):
         f.write(b"\0" * 1000)

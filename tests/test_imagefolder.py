@@ -6,8 +6,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from cnnexp.data.imagefolder import CACHE_DIR, check_layout, read_imagefolder
 from cnnexp.errors import ConfigError, DataError
-from cnnexp.imagefolder import CACHE_DIR, check_layout, read_imagefolder
 
 
 def make_folder(root, classes=("cat", "dog"), per_class=3, size=32, test_classes=None):
@@ -39,7 +39,7 @@ def test_reads_images_labels_and_classes(tmp_path):
 
 def refuse_to_decode(monkeypatch):
     """From here on a read must come from the cache: decoding fails the test."""
-    from cnnexp import imagefolder
+    from cnnexp.data import imagefolder
 
     def decode_all(files, resize):
         raise AssertionError(f"decoded {len(files)} images although the cache holds them")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnnexp.observers import Observers, RunObserver, StopRun
-from cnnexp.train import train
+from cnnexp.run.loop import train
 from conftest import SMALL
 
 

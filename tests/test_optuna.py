@@ -18,9 +18,9 @@ import yaml
 
 from cnnexp import plot
 from cnnexp.observers import Observers, StopRun
-from cnnexp.pruning import PRUNER_ATTR, TRIAL_ENV, PruningReporter, TrialLink, build_pruner
-from cnnexp.sweep import failed_jobs_line
-from cnnexp.train import train
+from cnnexp.run.loop import train
+from cnnexp.sweep.pruning import PRUNER_ATTR, TRIAL_ENV, PruningReporter, TrialLink, build_pruner
+from cnnexp.sweep.table import failed_jobs_line
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 optuna = pytest.importorskip("optuna")

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from cnnexp.metrics import TIMING_COLUMNS
+from cnnexp.results.metrics import TIMING_COLUMNS
 from conftest import SMALL, StderrLines, run_cli, start_cli, wait_for_rows, write_module
 
 # On the CPU, whatever else the machine has: resumed runs are compared bit for bit.
@@ -129,7 +129,7 @@ def test_resume_of_a_missing_checkpoint_names_it(tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from cnnexp import checkpoint
+    from cnnexp.run import resume as checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     checkpoint.atomic_torch_save({"epoch": 1}, path)
@@ -161,15 +161,16 @@ def test_a_stop_without_checkpoints_says_so_and_writes_none(tmp_path):
 
 
 def test_a_continued_record_keeps_the_runs_story_and_starts_a_new_segment(tmp_path):
-    from cnnexp.runrecord import RunRecord, read_record
+    from cnnexp.results.record import RunRecord, read_record
+    from cnnexp.run.resume import continued_record
 
     first = RunRecord(tmp_path, overrides=["optim.lr=0.01"], command="cnnexp optim.lr=0.01", device="cpu")
     first.epoch_done(3)
     first.finish("interrupted", error="stopped by signal 15 in epoch 4 after step 7")
     before = read_record(tmp_path)
 
-    again = RunRecord.continued(tmp_path, overrides=["trainer.resume=x"], command="cnnexp trainer.resume=x",
-                                from_epoch=4, device="cuda")
+    again = continued_record(tmp_path, overrides=["trainer.resume=x"], command="cnnexp trainer.resume=x",
+                             from_epoch=4, device="cuda")
     again.write()
     record = read_record(tmp_path)
     assert record["started_at"] == before["started_at"] and record["overrides"] == ["optim.lr=0.01"]
@@ -180,5 +181,5 @@ def test_a_continued_record_keeps_the_runs_story_and_starts_a_new_segment(tmp_pa
                                   "command": "cnnexp trainer.resume=x", "from_epoch": 4}]
     again.finish("completed")
     assert read_record(tmp_path)["wall_seconds"] >= before["wall_seconds"]
-    RunRecord.continued(tmp_path, overrides=["trainer.resume=x", "trainer.max_epochs=9"], from_epoch=6).write()
+    continued_record(tmp_path, overrides=["trainer.resume=x", "trainer.max_epochs=9"], from_epoch=6).write()
     assert [r["from_epoch"] for r in read_record(tmp_path)["resumes"]] == [4, 6]

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnnexp.cores import available_cores
-from cnnexp.slurm import queue_watcher, record_lost_job
+from cnnexp.cpu import available_cores
+from cnnexp.sweep.slurm import queue_watcher, record_lost_job
 from conftest import SMALL, run_cli, start_cli, wait_for_rows
 
 JOB_FILES = ["metrics.csv", "per_class.csv", "model.pt", "run.json", "plots/test_acc.png", "cnnexp.log"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cnnexp.cli import unique_dir
-from cnnexp.sweep import GROUPED_METRICS
+from cnnexp.sweep.table import GROUPED_METRICS
 from conftest import SMALL, run_cli, start_cli, wait_for_rows, write_module
 
 SWEEP = ["-m", *SMALL, "data.n_train=200", "data.n_test=100", "trainer.max_epochs=2"]
@@ -250,7 +250,7 @@ def test_seed_groups_use_the_sample_std_in_every_column_and_band(tmp_path, monke
     import matplotlib.axes
     import numpy as np
 
-    from cnnexp.sweep import write_summary
+    from cnnexp.sweep.summary import write_summary
 
     accs = {0: [0.2, 0.5, 0.4], 1: [0.3, 0.6, 0.5], 2: [0.1, 0.2, 0.6]}
     losses = {0: [2.0, 1.5, 1.0], 1: [2.2, 1.4, 1.2], 2: [2.1, 1.0, 0.7]}

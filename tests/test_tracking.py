@@ -22,7 +22,7 @@ import pytest
 
 from cnnexp.errors import ConfigError
 from cnnexp.observers import Observers
-from cnnexp.runrecord import RunRecord
+from cnnexp.results.record import RunRecord
 from cnnexp.tracking import Tracker, Tracking, build_tracking
 from cnnexp.tracking.names import run_label
 from cnnexp.tracking.tensorboard_logger import scalar_tag

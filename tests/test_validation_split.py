@@ -12,16 +12,19 @@ import pytest
 import torch
 import yaml
 
-from cnnexp import objective
+from cnnexp.config.checks import validate_config
 from cnnexp.data import ImageSplits, check_val_size, split_validation, to_device
-from cnnexp.engine import evaluate
+from cnnexp.engine.evaluate import evaluate
 from cnnexp.errors import ConfigError
-from cnnexp.metrics import COLUMNS, COLUMNS_WITH_VAL
 from cnnexp.models import TutorialCNN
-from cnnexp.run import run_job
-from cnnexp.sweep import best_by_validation_line, summarise
-from cnnexp.train import Interrupted, seed_everything, train
-from cnnexp.validate import validate_config
+from cnnexp.results import objective
+from cnnexp.results.metrics import COLUMNS, COLUMNS_WITH_VAL
+from cnnexp.run.build import seed_everything
+from cnnexp.run.job import run_job
+from cnnexp.run.loop import train
+from cnnexp.run.resume import Checkpoint
+from cnnexp.run.signals import Interrupted
+from cnnexp.sweep.table import best_by_validation_line, summarise
 from conftest import SMALL, run_cli
 
 
@@ -219,7 +222,7 @@ def test_selection_survives_a_mid_epoch_stop_and_resume(compose_cfg, tmp_path):
     with pytest.raises(Interrupted):
         train(cfg, stopped, torch.device("cpu"), StopMidSecondEpoch())
     (stopped / "model_best.pt").unlink()  # as if the stop came between the two writes
-    checkpoint = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = Checkpoint.load(stopped / "checkpoints" / "last.pt")
     train(cfg, stopped, torch.device("cpu"), lambda: None, checkpoint=checkpoint)
 
     def without_timing(rows):

@@ -3,7 +3,7 @@ search path at help time, so a group or option added anywhere (conf/, a plugin,
 hydra.searchpath) is listed without editing the help text.
 
 Hydra's own `$APP_CONFIG_GROUPS` also lists the schema nodes of
-cnnexp/schema.py (`sgd_schema`, ...), which are not options a user picks;
+cnnexp/config/schema.py (`sgd_schema`, ...), which are not options a user picks;
 conf/hydra/help/cnnexp.yaml calls this resolver instead.
 """
 

@@ -1,13 +1,21 @@
-"""Structured-config schema: every key cnnexp reads, with its type and default.
+"""Structured-config schema: every key cnnexp reads, with its type, default and check.
 
-The YAML files in conf/ pick values; these dataclasses decide what is allowed.
-Hydra checks overrides against them while composing, so `optim.lr=abc` or
+These dataclasses are the one place a key is defined: its type and default,
+the range check a type cannot express (`key(..., check=..., allowed=...)`,
+run by config/checks.py before any work), and whether a resumed run may
+change it (`resumable=True`, read by run/resume.py). The YAML options in
+conf/ only pick values that differ from these defaults. Hydra checks
+overrides against the types while composing, so `optim.lr=abc` or
 `trainer.epochs=3` (a typo) fails before any data is touched, naming the key.
-Range checks that a type cannot express live in cnnexp/validate.py.
+
+To add a key: one field here (default, check, resumable) and, where a group
+option wants another value, one line in its YAML file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +25,32 @@ from omegaconf import MISSING
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 DEFAULT_DATA_ROOT = "${oc.env:CNNEXP_DATA_DIR,'~/.cache/cnnexp/data'}"
+
+
+def key(default: Any = MISSING, check: Callable[[Any], bool] | None = None, allowed: str = "",
+        resumable: bool = False, choices: tuple[str, ...] | None = None):
+    """A schema field: `check(value)` must hold (else "KEY=VALUE is not allowed:
+    ALLOWED."); `choices` is the common check of a fixed set of words;
+    `resumable` keys may differ on the command line of trainer.resume."""
+    if choices is not None:
+        check = check or (lambda v, c=choices: v in c)
+        allowed = allowed or "use " + ", ".join(choices[:-1]) + " or " + choices[-1]
+    meta = {"check": check, "allowed": allowed, "resumable": resumable}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(v) -> bool:
+    return v > 0
+
+
+def at_least(n):
+    return lambda v: v >= n
+
+
+def is_seed(v) -> bool:
+    return 0 <= v < 2**32
 
 
 # ---------------------------------------------------------------- models
@@ -38,9 +72,9 @@ class WideCNNConfig:
 class SGDConfig:
     _target_: str = "torch.optim.SGD"
     _partial_: bool = True  # the parameters are bound by the trainer
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr: float = key(0.001, positive, "the learning rate must be > 0")
+    momentum: float = key(0.9, lambda v: 0 <= v < 1, "momentum must be in [0, 1)")
+    weight_decay: float = key(0.0, at_least(0), "weight decay must be >= 0")
     nesterov: bool = False
 
 
@@ -48,18 +82,19 @@ class SGDConfig:
 class AdamConfig:
     _target_: str = "torch.optim.Adam"
     _partial_: bool = True
-    lr: float = 0.001
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    lr: float = key(0.001, positive, "the learning rate must be > 0")
+    betas: list[float] = key([0.9, 0.999], lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                             "two values in [0, 1)")
+    weight_decay: float = key(0.0, at_least(0), "weight decay must be >= 0")
 
 
 # ---------------------------------------------------------------- data
 @dataclass
 class DataConfig:
     name: str = MISSING
-    batch_size: int = 4
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    batch_size: int = key(4, at_least(1), "the batch size must be >= 1")
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # (x - 0.5) / 0.5: [0, 1] -> [-1, 1]
+    std: list[float] = key([0.5, 0.5, 0.5], lambda v: all(x > 0 for x in v), "every std must be > 0")
     # Training images held out for validation: a count (5000) or a fraction in (0, 1)
     # (0.1); 0 holds none. Stratified per class, drawn from split_seed alone.
     val_size: float = 0
@@ -78,40 +113,47 @@ class Cifar10Config(DataConfig):
 @dataclass
 class SyntheticConfig(DataConfig):
     name: str = "synthetic"
-    n_train: int = 5000
-    n_test: int = 1000
-    num_classes: int = 10
-    image_size: int = 32
-    noise: float = 1.0  # std of pixel noise, in units of the pattern range [0, 1]
-    seed: int = 0  # fixed apart from trainer.seed, so a seed sweep sees one dataset
+    n_train: int = key(5000, at_least(1), "at least 1 training image")
+    n_test: int = key(1000, at_least(1), "at least 1 test image")
+    num_classes: int = key(10, at_least(2), "at least 2 classes")
+    image_size: int = key(32, at_least(8), "at least 8 pixels")
+    # std of pixel noise, in units of the pattern range [0, 1]
+    noise: float = key(1.0, at_least(0), "a noise level >= 0")
+    seed: int = key(0, is_seed, "a seed in [0, 2**32)")  # apart from trainer.seed: a seed sweep sees one dataset
 
 
 @dataclass
 class ImageFolderConfig(DataConfig):
     name: str = "imagefolder"
     root: str = MISSING  # holds train/<class>/* and test/<class>/*
-    resize: int | None = None  # square side to resize every image to
+    # square side to resize every image to (32 for the tutorial net)
+    resize: int | None = key(None, lambda v: v is None or v >= 1, "null or a size >= 1")
     cache: bool = True  # keep decoded tensors beside the images for the next run
 
 
 # ---------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 50
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    eval_batch_size: int = 1000
-    num_threads: int | None = None  # None: training threads timed (autotune.py), all cores for eval
+    max_epochs: int = key(50, at_least(1), "train at least 1 epoch", resumable=True)
+    # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; checked in config/checks.py
+    device: str = key("auto", resumable=True)
+    seed: int = key(0, is_seed, "a seed in [0, 2**32)")
+    # evaluation batch; training uses data.batch_size
+    eval_batch_size: int = key(1000, at_least(1), "must be >= 1", resumable=True)
+    # None: training threads timed at the start of a CPU run (engine/autotune.py), all cores for eval
+    num_threads: int | None = key(None, lambda v: v is None or v >= 1, "null (automatic) or >= 1", resumable=True)
     fast_path: bool = True  # flat-buffer SGD; plain torch.optim when false
     cuda_graph: bool = True  # capture the train step in a CUDA graph on GPUs
-    cpu_step: str = "auto"  # auto (time the candidates, cache the fastest) | eager | compiled
+    # auto: the faster of the eager and the compiled step, timed and cached; or eager / compiled
+    cpu_step: str = key("auto", choices=("auto", "eager", "compiled"), resumable=True)
     deterministic: bool = False
-    lr_schedule: str = "constant"  # constant | cosine
-    resume: str | None = None  # a run dir or a checkpoint file
-    progress: str = "auto"  # auto | bar | log | none
-    log_every_steps: int = 2000
+    lr_schedule: str = key("constant", choices=("constant", "cosine"))  # cosine: per-epoch decay to 0
+    resume: str | None = None  # a run dir or a checkpoint file to continue from
+    progress: str = key("auto", choices=("auto", "bar", "log", "none"), resumable=True)
+    log_every_steps: int = key(2000, at_least(1), "must be >= 1", resumable=True)
     checkpoint: bool = True
-    objective: str = "auto"  # what the run returns to a sweeper; see cnnexp/objective.py
+    # what the run returns to a sweeper (results/objective.py); it does not change how the run trains
+    objective: str = key("auto", resumable=True)
 
 
 # ---------------------------------------------------------------- live tracking
@@ -136,17 +178,42 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# The schema node of every group option: conf/<group>/<name>.yaml extends
+# schema/<group>/<name>. A new option of a group is one entry here.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"tutorial_cnn": TutorialCNNConfig, "wide_cnn": WideCNNConfig},
+    "optim": {"sgd": SGDConfig, "adam": AdamConfig},
+    "data": {"cifar10": Cifar10Config, "synthetic": SyntheticConfig, "imagefolder": ImageFolderConfig},
+    "trainer": {"default": TrainerConfig},
+}
+
+
 def register_configs() -> None:
     """The schema nodes live in schema/<group>, apart from the groups' options, so
     that Hydra's option lists (and `cnnexp --help`) show only what a user picks.
     A group option extends its node with `- /schema/<group>/<name>@_here_`."""
     cs = ConfigStore.instance()
     cs.store(name="cnnexp_schema", node=Config)
-    cs.store(group="schema/model", name="tutorial_cnn", node=TutorialCNNConfig)
-    cs.store(group="schema/model", name="wide_cnn", node=WideCNNConfig)
-    cs.store(group="schema/optim", name="sgd", node=SGDConfig)
-    cs.store(group="schema/optim", name="adam", node=AdamConfig)
-    cs.store(group="schema/data", name="cifar10", node=Cifar10Config)
-    cs.store(group="schema/data", name="synthetic", node=SyntheticConfig)
-    cs.store(group="schema/data", name="imagefolder", node=ImageFolderConfig)
-    cs.store(group="schema/trainer", name="default", node=TrainerConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+GROUP_SCHEMAS = {"trainer": TrainerConfig, "logger": LoggerConfig}
+
+
+def resumable_keys() -> list[str]:
+    """The keys a resumed run may change (trainer.resume's command line), in schema order."""
+    return [f"{group}.{f.name}" for group, schema in GROUP_SCHEMAS.items() for f in dataclasses.fields(schema)
+            if f.metadata.get("resumable")]
+
+
+def field_checks(group: str) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """name -> (check, allowed) of every checked key of a group's options: a key
+    is checked wherever it appears in the group (momentum under any optimiser)."""
+    checks = {}
+    for node_type in SCHEMAS.get(group, {}).values():
+        for f in dataclasses.fields(node_type):
+            if f.metadata.get("check") is not None:
+                checks.setdefault(f.name, (f.metadata["check"], f.metadata["allowed"]))
+    return checks

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cnnexp.data import ImageSplits
+from cnnexp.data.splits import ImageSplits
 from cnnexp.errors import DataError
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cnnexp.data import ImageSplits
+from cnnexp.cpu import available_cores
+from cnnexp.data.splits import ImageSplits
 from cnnexp.errors import ConfigError, DataError, DiskFull
 from cnnexp.safeio import atomic_path
 
@@ -107,7 +107,7 @@ def read_imagefolder(cfg: DictConfig) -> ImageSplits:
 
 
 def decode_all(files: list[Path], resize: int | None) -> torch.Tensor:
-    threads = min(8, os.cpu_count() or 1)
+    threads = min(8, available_cores())
     with ThreadPoolExecutor(threads) as pool:
         arrays = list(pool.map(lambda f: _decode(f, resize), files, chunksize=256))
     first = arrays[0].shape

@@ -16,8 +16,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from cnnexp.engine import cpu_settings
+from cnnexp.cpu import cache_dir, cpu_model, cpu_settings
+from cnnexp.engine.kernels import CompiledStepper, unsupported_reason
+from cnnexp.engine.optimizers import SGD_TARGETS, build_optimizer
+from cnnexp.engine.steppers import Stepper
 from cnnexp.errors import DiskFull
 from cnnexp.safeio import write_text
 
@@ -34,24 +35,6 @@ log = logging.getLogger("cnnexp")
 
 CACHE_FORMAT = 1
 EAGER, COMPILED = "eager", "compiled"
-
-
-def cache_dir() -> Path:
-    """$CNNEXP_CACHE_DIR, else $XDG_CACHE_HOME/cnnexp, else ~/.cache/cnnexp."""
-    if os.environ.get("CNNEXP_CACHE_DIR"):
-        return Path(os.environ["CNNEXP_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cnnexp"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -207,14 +190,12 @@ def thread_counts(budget: int) -> list[int]:
     return counts + [budget]
 
 
-def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tensor, y: torch.Tensor, prepare,
+def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tensor, y: torch.Tensor, *, prepare,
                   num_classes: int, budget: int, previous: dict | None = None,
                   cache_file: Path | None = None, seconds: float = 1.5) -> StepPlan:
     """The step a CPU run trains with. `x`, `y` is one real training batch;
     `previous` is the plan a resumed run started with (kept, so that the
     resumed run computes exactly what it would have computed)."""
-    from cnnexp.engine import SGD_TARGETS, Stepper, build_optimizer
-
     flat_sgd = trainer_cfg.fast_path and optim_cfg._target_ in SGD_TARGETS
     wanted = trainer_cfg.get("cpu_step", "auto")
     compiled_problem = "trainer.cpu_step=eager" if wanted == EAGER else compiled_step_problem(model, optim_cfg,
@@ -240,8 +221,6 @@ def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tenso
 
     def compiled() -> Candidate:
         def make_step():
-            from cnnexp.kernels import CompiledStepper
-
             scratch = scratch_copy(model)
             stepper = CompiledStepper(scratch, build_optimizer(optim_cfg, scratch, fast_path=True), x.shape[0],
                                       num_classes, x.shape[0], x.device, prepare)
@@ -268,10 +247,6 @@ def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tenso
 
 def compiled_step_problem(model: torch.nn.Module, optim_cfg, flat_sgd: bool, x: torch.Tensor) -> str | None:
     """Why the compiled step cannot train this model, or None if it can."""
-    try:
-        from cnnexp.kernels import unsupported_reason
-    except ImportError:
-        return "this build of cnnexp has no compiled step"
     if not flat_sgd:
         return f"the optimiser is {optim_cfg._target_} (the compiled step does SGD)"
     return unsupported_reason(model, x)

@@ -25,7 +25,7 @@ selected epoch is always the one with the highest validation accuracy (the
 first of equals); its weights are model_best.pt and its test accuracy is the
 number to report.
 
-    from cnnexp import objective
+    from cnnexp.results import objective
     name = objective.from_config(cfg)            # "auto" resolved, checked
     objective.direction(name)                    # "maximize" | "minimize"
     objective.epoch_value(name, rows)            # after each epoch, for a pruner
@@ -142,14 +142,31 @@ def record_fields(name: str, rows: Sequence[Mapping]) -> dict:
     return fields
 
 
+def completed_fields(name: str, rows: Sequence[Mapping]) -> dict:
+    """run.json's account of a completed run: record_fields, and without a
+    validation split the best test epoch (reported, never used to select)."""
+    fields = record_fields(name, rows)
+    if "selected_by" not in fields:
+        best = best_row(rows, "test_acc")
+        if best is not None:
+            fields.update(best_test_acc=float(best["test_acc"]), best_epoch=int(best["epoch"]))
+    return fields
+
+
 def selected_row(rows: Sequence[Mapping]) -> Mapping | None:
     """The epoch a run with a validation split selects: highest val_acc, the first
     of equals; None without validation columns."""
+    return best_row(rows, SELECTED_BY)
+
+
+def best_row(rows: Sequence[Mapping], column: str) -> Mapping | None:
+    """The row with the highest value of `column`, the first of equals; rows
+    without a value are passed over. The one selection rule every stage uses."""
     best = None
     for row in rows:
-        value = row.get(SELECTED_BY)
+        value = row.get(column)
         if value in (None, "") or math.isnan(float(value)):
             continue
-        if best is None or float(value) > float(best[SELECTED_BY]):
+        if best is None or float(value) > float(best[column]):
             best = row
     return best

@@ -10,9 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cnnexp.errors import DiskFull
+from cnnexp.results.files import RUN_RECORD
 from cnnexp.safeio import overwrite_in_place, write_text
-
-RUN_RECORD = "run.json"
 
 
 def now_iso() -> str:
@@ -24,10 +23,10 @@ def versions() -> dict:
     import torch
     import torchvision
 
-    import cnnexp
+    from cnnexp.version import __version__
 
     return {
-        "cnnexp": cnnexp.__version__,
+        "cnnexp": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "hydra": hydra.__version__,
@@ -52,24 +51,6 @@ class RunRecord:
         self.data = {"status": "running", "started_at": now_iso(), "ended_at": None, "pid": os.getpid(), **fields}
         self.segment_start = time.perf_counter()
         self.earlier_seconds = 0.0  # wall time of the segments before this one
-
-    @classmethod
-    def continued(cls, run_dir: Path, overrides: list[str], command: str | None = None, from_epoch: int | None = None,
-                  **fields) -> RunRecord:
-        """The record of a run that goes on from its checkpoint (trainer.resume or a re-run sweep)."""
-        previous = read_record(run_dir) or {}
-        record = cls(run_dir, overrides=overrides, command=command, **fields)
-        if not previous:
-            return record
-        resume = {"at": record.data["started_at"], "overrides": overrides, "command": command,
-                  "from_epoch": from_epoch}
-        # What the run was (first start, overrides, results so far) stays; how this segment runs is new.
-        ended = {"error": None} if "error" in previous else {}
-        kept = {k: previous[k] for k in ("started_at", "overrides", "command") if previous.get(k) is not None}
-        record.data = {**previous, **record.data, **ended, **kept,
-                       "resumes": [*previous.get("resumes", []), resume]}
-        record.earlier_seconds = float(previous.get("wall_seconds") or 0.0)
-        return record
 
     def wall_seconds(self) -> float:
         return round(self.earlier_seconds + time.perf_counter() - self.segment_start, 1)

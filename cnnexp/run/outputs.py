@@ -10,14 +10,9 @@ import numpy as np
 import torch
 
 from cnnexp.data import DeviceData
-from cnnexp.engine import EvalResult
+from cnnexp.engine.evaluate import EvalResult
+from cnnexp.results.files import CONFUSION_FILE, MODEL_FILE, PER_CLASS_FILE, SAMPLES_FILE
 from cnnexp.safeio import atomic_path
-
-MODEL_FILE = "model.pt"
-BEST_MODEL_FILE = "model_best.pt"  # the selected epoch's weights (runs with a validation split)
-PER_CLASS_FILE = "per_class.csv"
-CONFUSION_FILE = "confusion.csv"
-SAMPLES_FILE = "predictions_sample.npz"  # test images with true and predicted classes
 
 
 def write_final_outputs(run_dir: Path, model: torch.nn.Module, data: DeviceData, final_eval: EvalResult,

@@ -1,27 +1,70 @@
-"""checkpoints/last.pt: everything needed to continue a run exactly.
+"""Resume: what a checkpoint holds and how a run goes on from it.
 
-Written atomically (temp file, fsync, rename): a kill or a full disk during
-the write leaves the previous checkpoint intact and no temp file behind."""
+Everything that decides how a run continues lives here: the checkpoint's
+contents (model, optimiser, every random state, the metrics rows, the
+interrupted epoch's logits, the selected epoch's weights, the CPU step plan
+and the config), where a run starts (fresh, from a checkpoint, or already
+done), which config keys the command line may change on a resume (the
+schema marks them), and how run.json and cnnexp.log continue.
+
+checkpoints/last.pt is written atomically (temp file, fsync, rename): a kill
+or a full disk during the write leaves the previous checkpoint intact.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.config.schema import resumable_keys
 from cnnexp.errors import ConfigError
-from cnnexp.safeio import atomic_path
+from cnnexp.results.files import CHECKPOINT_NAME, LOG_FILE
+from cnnexp.results.record import RunRecord, read_record
+from cnnexp.safeio import LogFileHandler, atomic_torch_save
 
-CHECKPOINT_NAME = "checkpoints/last.pt"
+log = logging.getLogger("cnnexp")
+CHECKPOINT_FORMAT = 1
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path, durable=True) as tmp:
-        # Through a Python file, so a full disk surfaces as an OSError (ENOSPC).
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+class SweepDirTaken(ConfigError):
+    """A re-run sweep whose job directory holds a different job."""
+
+
+# ---------------------------------------------------------------- the checkpoint
+@dataclass
+class Checkpoint:
+    """The contents of checkpoints/last.pt."""
+
+    epoch: int  # completed epochs
+    step: int  # steps done in the next epoch; non-zero only for a stop inside an epoch
+    model: dict
+    optimizer: dict
+    rng: dict  # torch, numpy, python, data_order (and cuda) generator states
+    metrics: list[dict]  # the metrics.csv rows of the completed epochs
+    config: dict  # the run's resolved config: a resume trains on with it
+    partial: dict | None = None  # the interrupted epoch's recorded logits and seconds
+    best_model: dict | None = None  # the selected epoch's weights, to restore model_best.pt
+    step_plan: dict | None = None  # the CPU step, so a resumed run steps alike
+    format: int = CHECKPOINT_FORMAT
+
+    def save(self, run_dir: Path) -> None:
+        atomic_torch_save(asdict(self), Path(run_dir) / CHECKPOINT_NAME)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        try:
+            # The checkpoint holds RNG states and plain Python objects; it is cnnexp's own file.
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"trainer.resume: {path} cannot be read ({err}); it may be truncated.") from None
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in state.items() if k in known})
 
 
 def rng_states(data_generator: torch.Generator) -> dict:
@@ -45,6 +88,38 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class ResumePoint:
+    """Where the training loop picks up: the first epoch and step to run."""
+
+    epoch: int = 1
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)
+    partial: dict | None = None
+    best_model: dict | None = None
+
+
+def restore(checkpoint: Checkpoint | None, model, optimizer, data_order: torch.Generator) -> ResumePoint:
+    """Put the model, optimiser and random states back as the checkpoint left them."""
+    if checkpoint is None:
+        return ResumePoint()
+    model.load_state_dict(checkpoint.model)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    restore_rng_states(checkpoint.rng, data_order)
+    log.info("Resuming at epoch %d, step %d", checkpoint.epoch + 1, checkpoint.step)
+    return ResumePoint(epoch=checkpoint.epoch + 1, step=checkpoint.step, rows=list(checkpoint.metrics),
+                       partial=checkpoint.partial, best_model=checkpoint.best_model)
+
+
+# ---------------------------------------------------------------- where a run starts
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_NAME
+
+
 def find_checkpoint(resume: str) -> Path:
     """trainer.resume may name a run dir or the checkpoint file itself."""
     path = Path(resume).expanduser()
@@ -58,9 +133,88 @@ def find_checkpoint(resume: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    try:
-        # The checkpoint holds RNG states and plain Python objects; it is cnnexp's own file.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(f"trainer.resume: {path} cannot be read ({err}); it may be truncated.") from None
+@dataclass
+class Start:
+    """How a job starts: fresh (checkpoint None), from a checkpoint, or not at all (done)."""
+
+    run_dir: Path
+    checkpoint: Checkpoint | None = None
+    done: bool = False
+
+
+def plan_start(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> Start:
+    """trainer.resume names the run to continue; a sweep job whose directory
+    holds a run picks up from it (or skips it when it completed)."""
+    if cfg.trainer.resume:
+        path = find_checkpoint(str(cfg.trainer.resume))
+        return Start(run_dir=path.parent.parent, checkpoint=Checkpoint.load(path))
+    if not multirun:
+        return Start(run_dir)
+    record = read_record(run_dir)
+    if record is None:
+        return Start(run_dir)
+    if record.get("overrides") is not None and record["overrides"] != overrides:
+        raise SweepDirTaken(
+            f"{run_dir} holds a job run with overrides {record['overrides']}, not {overrides}; "
+            "a resumed sweep must repeat the same sweep command, or use a new hydra.sweep.dir."
+        )
+    if record.get("status") == "completed":
+        return Start(run_dir, done=True)
+    if cfg.trainer.checkpoint and checkpoint_path(run_dir).is_file():  # never continue from a stale one
+        log.info("Continuing %s from its last checkpoint", run_dir)
+        return Start(run_dir, checkpoint=Checkpoint.load(checkpoint_path(run_dir)))
+    return Start(run_dir)
+
+
+def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list[str]) -> DictConfig:
+    """The saved run's config; the command line may change only how it runs on
+    (the keys the schema marks resumable: epochs, device, threads, ...)."""
+    resumed = OmegaConf.create(saved)
+    resumed.trainer.resume = current.trainer.resume
+    changeable = resumable_keys()
+    for override in explicit_overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if key.startswith("hydra") or key == "trainer.resume":
+            continue
+        if key.split(".")[0].split("/")[0] == "logger":  # trackers watch a run; they do not change it
+            resumed.logger = current.logger
+            continue
+        if key in changeable:
+            OmegaConf.update(resumed, key, OmegaConf.select(current, key), merge=False)
+        elif "/" in key or OmegaConf.select(resumed, key, default=None) != OmegaConf.select(current, key, default=None):
+            raise ConfigError(
+                f"{override!r} differs from the run being resumed; trainer.resume continues a run with its own "
+                f"config (only {', '.join(changeable)} may change). Start a new run instead."
+            )
+    return resumed
+
+
+# ---------------------------------------------------------------- the run's own files go on
+def continued_record(run_dir: Path, overrides: list[str], from_epoch: int, command: str | None = None,
+                     **fields) -> RunRecord:
+    """The run.json of a run that goes on from its checkpoint: what the run was
+    (first start, overrides, command, results so far) stays; how this segment
+    runs is new, and `resumes` gains an entry."""
+    previous = read_record(run_dir) or {}
+    record = RunRecord(run_dir, overrides=overrides, command=command, **fields)
+    if not previous:
+        return record
+    resume = {"at": record.data["started_at"], "overrides": overrides, "command": command,
+              "from_epoch": from_epoch}
+    ended = {"error": None} if "error" in previous else {}
+    kept = {k: previous[k] for k in ("started_at", "overrides", "command") if previous.get(k) is not None}
+    record.data = {**previous, **record.data, **ended, **kept,
+                   "resumes": [*previous.get("resumes", []), resume]}
+    record.earlier_seconds = float(previous.get("wall_seconds") or 0.0)
+    return record
+
+
+def continue_log(run_dir: Path) -> None:
+    """Continue the resumed run's own cnnexp.log (Hydra logs into this invocation's dir)."""
+    path = Path(run_dir) / LOG_FILE
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        return
+    handler = LogFileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)

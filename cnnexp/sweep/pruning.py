@@ -20,7 +20,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cnnexp.errors import ConfigError
 from cnnexp.observers import RunObserver, StopRun
+from cnnexp.results import objective
 
 log = logging.getLogger("cnnexp")
 
@@ -52,8 +54,6 @@ def require_optuna():
     try:
         import optuna
     except ImportError:
-        from cnnexp.errors import ConfigError
-
         raise ConfigError(f"A search needs the optuna package, which is not installed: {SEARCH_EXTRA}") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnexp logs what matters itself
     return optuna
@@ -101,8 +101,6 @@ class PruningReporter(RunObserver):
         self.link = link
 
     def on_start(self, cfg: DictConfig, run_dir: Path, rows: list[dict]) -> None:
-        from cnnexp import objective
-
         optuna = require_optuna()
         storage = open_storage(self.link.storage)
         pruner_spec = storage.get_study_user_attrs(storage.get_study_id_from_name(self.link.study)).get(
@@ -118,8 +116,6 @@ class PruningReporter(RunObserver):
                 self.trial.report(objective.epoch_value(self.objective, self.rows[: i + 1]), self.rows[i]["epoch"])
 
     def on_epoch(self, row: dict) -> None:
-        from cnnexp import objective
-
         self.rows.append(row)
         value = objective.epoch_value(self.objective, self.rows)
         self.trial.report(value, row["epoch"])

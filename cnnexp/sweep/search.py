@@ -3,7 +3,7 @@ and the study's figures, rebuilt from the study and the job directories.
 
 The Optuna sweeper writes `search.yaml` into the sweep dir: where the study
 lives and what it optimises. Its presence makes a sweep dir a search, so the
-sweep summary (cnnexp/sweep.py), the end of the sweep and
+sweep summary (sweep/summary.py), the end of the sweep and
 `python -m cnnexp.plot SWEEP_DIR` all come here.
 """
 
@@ -18,17 +18,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cnnexp.plots import plt, render_sweep
-from cnnexp.pruning import open_storage, require_optuna
-from cnnexp.runrecord import read_record
+from cnnexp.figures import plt, render_sweep
+from cnnexp.results.files import BEST_FILE, METRICS_FILE, SEARCH_FILE, STUDY_DB, SUMMARY_FILE
+from cnnexp.results.record import read_record
 from cnnexp.safeio import write_text
-from cnnexp.sweep import job_dirs, job_overrides, summarise, swept_keys
+from cnnexp.sweep.pruning import open_storage, require_optuna
+from cnnexp.sweep.table import job_dirs, job_overrides, summarise, swept_keys
 
 log = logging.getLogger("cnnexp")
-SEARCH_FILE = "search.yaml"
-STUDY_DB = "optuna.db"
-BEST_FILE = "best.txt"
-SUMMARY_FILE = "summary.csv"
 
 
 def default_storage(sweep_dir: Path) -> str:
@@ -180,7 +177,7 @@ def render_search(sweep_dir: Path, study, table: pd.DataFrame, objective: str = 
     curves = {}
     for row in table.itertuples():
         try:
-            metrics = pd.read_csv(Path(sweep_dir) / str(row.trial) / "metrics.csv")
+            metrics = pd.read_csv(Path(sweep_dir) / str(row.trial) / METRICS_FILE)
         except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
             continue
         if len(metrics):

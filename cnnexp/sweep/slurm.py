@@ -149,7 +149,7 @@ def job_state(job_id: str) -> str:
 
 def record_lost_job(job_dir: Path, overrides: list[str], message: str) -> None:
     """Mark a job that ended without a result as failed in its run.json (kept if it completed)."""
-    from cnnexp.runrecord import RunRecord, now_iso, read_record
+    from cnnexp.results.record import RunRecord, now_iso, read_record
 
     job_dir.mkdir(parents=True, exist_ok=True)
     record = read_record(job_dir) or {"overrides": overrides}

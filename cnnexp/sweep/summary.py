@@ -1,173 +1,35 @@
 """Sweep results: summary.csv and comparison plots in a multirun's root.
 
-Everything is rebuilt from the job directories on disk (run.json,
-metrics.csv, .hydra/overrides.yaml), so the same code serves a sweep in
-progress (after each job), a finished one, one with failed or interrupted
-jobs, and one copied back from a cluster (`python -m cnnexp.plot DIR`).
+A Hydra callback keeps summary.csv current as each job ends and draws the
+comparison plots when the sweep ends; `python -m cnnexp.plot SWEEP_DIR`
+does the same for a sweep that failed half-way or ran on a cluster. An
+Optuna search (search.yaml in the sweep dir) is summarised per trial by
+search.py instead.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cnnexp.errors import CnnexpError
-from cnnexp.metrics import read_metrics
-from cnnexp.plots import render_sweep
-from cnnexp.runrecord import read_record
+from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.figures import render_sweep
+from cnnexp.results.files import SEARCH_FILE, SUMMARY_FILE
 from cnnexp.safeio import atomic_path
+from cnnexp.sweep.search import write_search_summary
+from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line, summarise
 
 log = logging.getLogger("cnnexp")
-SUMMARY_FILE = "summary.csv"
-SEED_KEY = "trainer.seed"
-GROUPED_METRICS = ["best_test_acc", "final_test_acc", "final_train_loss"]
-# Jobs with a validation split are selected and ranked by it; the test accuracy at
-# the selected epoch is the number to report.
-VAL_METRICS = ["best_val_acc", "best_epoch", "test_acc_at_best", "final_val_acc"]
-VAL_GROUPED_METRICS = ["best_val_acc", "test_acc_at_best", "final_test_acc", "final_train_loss"]
-RANKED_BY = "best_val_acc"
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The numbered job directories of a sweep, in job order."""
-    dirs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name))
-
-
-def is_sweep_dir(path: Path) -> bool:
-    return (path / "multirun.yaml").is_file() or any(
-        (d / "run.json").is_file() or (d / "metrics.csv").is_file() for d in job_dirs(path)
-    )
-
-
-def job_overrides(job_dir: Path) -> dict[str, str]:
-    """key -> value of the job's command-line overrides (Hydra's own keys left out)."""
-    overrides = None
-    path = job_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        overrides = yaml.safe_load(path.read_text()) or []
-    else:
-        overrides = (read_record(job_dir) or {}).get("overrides", [])
-    pairs = {}
-    for item in overrides:
-        key, _, value = str(item).partition("=")
-        key = key.lstrip("+~")
-        if not key.startswith("hydra"):
-            pairs[key] = value
-    return pairs
-
-
-def _read_metrics(path: Path) -> pd.DataFrame | None:
-    """A job's metrics.csv, or None when it is missing, unreadable or has no rows yet."""
-    metrics = read_metrics(path)[0]
-    return metrics if metrics is not None and {"test_acc", "train_loss"} <= set(metrics.columns) else None
-
-
-def _job_row(job_dir: Path) -> tuple[dict, pd.DataFrame | None]:
-    record = read_record(job_dir) or {}
-    metrics = _read_metrics(job_dir / "metrics.csv")
-    done = metrics is not None
-    if record:
-        status, error = record.get("status", "unknown"), (record.get("error") or "").split("\n")[0]
-    else:  # the job died before cnnexp wrote its record
-        status, error = ("unknown" if done else "failed"), f"no run.json; see {job_dir / 'cnnexp.log'}"
-    if done and "val_acc" in metrics and metrics["val_acc"].notna().any():
-        best = metrics.loc[metrics["val_acc"].idxmax()]  # the first of equal epochs
-        return {
-            "status": status,
-            "error": error,
-            "epochs": len(metrics),
-            "best_val_acc": float(best["val_acc"]),
-            "best_epoch": int(best["epoch"]),
-            "test_acc_at_best": float(best["test_acc"]),
-            "final_val_acc": float(metrics["val_acc"].iloc[-1]),
-            "final_test_acc": float(metrics["test_acc"].iloc[-1]),
-            "final_train_loss": float(metrics["train_loss"].iloc[-1]),
-            "wall_seconds": record.get("wall_seconds", math.nan),
-            "run_dir": str(job_dir),
-        }, metrics
-    row = {
-        "status": status,
-        "error": error,
-        "epochs": len(metrics) if done else 0,
-        "best_test_acc": float(metrics["test_acc"].max()) if done else math.nan,
-        "best_epoch": int(metrics.loc[metrics["test_acc"].idxmax(), "epoch"]) if done else math.nan,
-        "final_test_acc": float(metrics["test_acc"].iloc[-1]) if done else math.nan,
-        "final_train_loss": float(metrics["train_loss"].iloc[-1]) if done else math.nan,
-        "wall_seconds": record.get("wall_seconds", math.nan),
-        "run_dir": str(job_dir),
-    }
-    return row, metrics
-
-
-def swept_keys(overrides: list[dict[str, str]]) -> list[str]:
-    """Keys whose value differs between jobs (all override keys for a one-job sweep)."""
-    keys = []
-    for ov in overrides:
-        keys += [k for k in ov if k not in keys]
-    if len(overrides) <= 1:
-        return keys
-    return [k for k in keys if len({ov.get(k) for ov in overrides}) > 1]
-
-
-def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, list[str]] | None]:
-    """summary table, per-job curves keyed by label, seed groups (label -> job labels) or None."""
-    dirs = job_dirs(sweep_dir)
-    overrides = [job_overrides(d) for d in dirs]
-    keys = swept_keys(overrides)
-    rows, curves, labels = [], {}, []
-    for job_dir, ov in zip(dirs, overrides):
-        row, metrics = _job_row(job_dir)
-        label = " ".join(f"{k}={ov.get(k, '')}" for k in keys) or f"job {job_dir.name}"
-        rows.append({"job": int(job_dir.name), **{k: ov.get(k, "") for k in keys}, **row})
-        labels.append(label)
-        if metrics is not None:
-            curves[label] = metrics
-    table = pd.DataFrame(rows)
-    with_val = "best_val_acc" in table
-    if with_val:  # some jobs may lack the split (failed early, or data.val_size swept to 0)
-        fixed = ["status", "error", "epochs", *VAL_METRICS, "final_test_acc", "final_train_loss"]
-        table = table[["job", *keys, *fixed, *[c for c in table if c not in ("job", *keys, *fixed)]]]
-        table = table.drop(columns=[c for c in ("best_test_acc",) if c in table])
-    if len(table):
-        table["best_epoch"] = table["best_epoch"].astype("Int64")  # stays an integer beside failed jobs
-    groups = None
-    if SEED_KEY in keys and len(rows) > 1:
-        group_keys = [k for k in keys if k != SEED_KEY]
-        group_labels = [" ".join(f"{k}={r[k]}" for k in group_keys) or "all seeds" for r in rows]
-        table["group"] = group_labels
-        for metric in VAL_GROUPED_METRICS if with_val else GROUPED_METRICS:
-            by_group = table.groupby("group")[metric]
-            table[f"group_mean_{metric}"] = by_group.transform("mean")
-            table[f"group_std_{metric}"] = by_group.transform(lambda s: s.std(ddof=1))  # sample std (n - 1)
-        groups = {}
-        for group, label in zip(group_labels, labels):
-            groups.setdefault(group, []).append(label)
-    if with_val:
-        rank_by(table, f"group_mean_{RANKED_BY}" if groups else RANKED_BY, after=len(keys) + 1)
-    return table, curves, groups
-
-
-def rank_by(table: pd.DataFrame, column: str, after: int) -> None:
-    """Add `rank` (1 is best; equal values share a rank, jobs without a value get
-    none) and `ranked_by`, naming the column, at position `after`."""
-    table.insert(after, "rank", table[column].rank(ascending=False, method="min").astype("Int64"))
-    table.insert(after + 1, "ranked_by", column)
 
 
 def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
-    if (sweep_dir / "search.yaml").is_file():  # an Optuna search: one row per trial (cnnexp/search.py)
-        from cnnexp.errors import ConfigError
-        from cnnexp.search import write_search_summary
-
+    if (sweep_dir / SEARCH_FILE).is_file():  # an Optuna search: one row per trial (cnnexp/search.py)
         try:
             return write_search_summary(sweep_dir, plots=plots)
         except ConfigError as err:  # optuna missing here: the plain job summary still helps
@@ -181,32 +43,6 @@ def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
         except Exception as err:  # figures are a view of summary.csv; never lose the summary over them
             log.warning("Comparison plots not drawn (%s); redraw them with: python -m cnnexp.plot %s", err, sweep_dir)
     return table
-
-
-def best_by_validation_line(table: pd.DataFrame) -> str | None:
-    """The job ranked first, with the test accuracy to report, when the jobs have a split."""
-    if "rank" not in table or not (table["rank"] == 1).any():
-        return None
-    best = table[table["rank"] == 1].iloc[0]
-    return (f"Best by {best['ranked_by']}: job {best['job']} ({best['run_dir']}), validation accuracy "
-            f"{best['best_val_acc']:.4f} at epoch {best['best_epoch']}, test accuracy there {best['test_acc_at_best']:.4f}")
-
-
-# A pruned search trial stopped early on purpose: a normal outcome, not a failure.
-ENDED_WELL = ("completed", "pruned")
-
-
-def failed_jobs_line(table: pd.DataFrame) -> str | None:
-    if not len(table):
-        return None
-    unit = "trial" if "trial" in table else "job"  # a search's summary has one row per trial
-    started = table[table["status"].fillna("") != ""] if unit == "trial" else table  # not queued ones
-    bad = started[~started["status"].isin(ENDED_WELL)]
-    if not len(bad):
-        return None
-    parts = [f"{unit} {getattr(r, unit)} {r.status}" + (f" ({r.error})" if isinstance(r.error, str) and r.error else "")
-             for r in bad.itertuples()]
-    return f"{len(bad)} of {len(table)} sweep {unit}s did not complete: " + "; ".join(parts)
 
 
 class SweepSummaryCallback(Callback):

@@ -27,7 +27,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from cnnexp.runrecord import read_record
+from cnnexp.results.files import (
+    BEST_MODEL_FILE,
+    CONFUSION_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PER_CLASS_FILE,
+    RUN_RECORD,
+)
+from cnnexp.results.record import read_record
 from cnnexp.safeio import write_text
 
 try:
@@ -45,7 +53,7 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}  # others: FINISHED
-ARTIFACTS = ("metrics.csv", "per_class.csv", "confusion.csv", "run.json")
+ARTIFACTS = (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, RUN_RECORD)
 PARENT_FILE = "mlflow_parent.json"
 # run.json fields logged once at the end, as the run's summary metrics.
 SUMMARY_PREFIXES = ("best_", "final_", "objective_value", "test_acc_at_best")
@@ -126,7 +134,7 @@ class MlflowTracker(Tracker):
                 self.client.log_artifact(self.run_id, str(run_dir / ".hydra" / name), "config")
         if self.log_figures and (run_dir / "plots").is_dir():
             self.client.log_artifacts(self.run_id, str(run_dir / "plots"), "plots")
-        for weights in ("model.pt", "model_best.pt") if self.log_model else ():
+        for weights in (MODEL_FILE, BEST_MODEL_FILE) if self.log_model else ():
             if (run_dir / weights).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / weights))
         self._set_tags({"status": status})

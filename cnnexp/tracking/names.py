@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.results.files import MULTIRUN_FILE, SEARCH_FILE
+
 MAX_LABEL = 200  # a directory name must stay under the file system's 255 bytes
 
 
@@ -38,7 +40,7 @@ def _key(override: str) -> str:
 def _sweep_command_overrides(sweep_dir: Path) -> set[str]:
     """The overrides of the sweep command, as Hydra saved them in multirun.yaml."""
     try:
-        saved = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
+        saved = yaml.safe_load((Path(sweep_dir) / MULTIRUN_FILE).read_text())
         return {str(o) for o in saved["hydra"]["overrides"]["task"]}
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return set()
@@ -47,7 +49,7 @@ def _sweep_command_overrides(sweep_dir: Path) -> set[str]:
 def _searched_keys(sweep_dir: Path) -> set[str]:
     """The keys an Optuna search samples (its search.yaml), or none for a grid sweep."""
     try:
-        saved = yaml.safe_load((Path(sweep_dir) / "search.yaml").read_text())
+        saved = yaml.safe_load((Path(sweep_dir) / SEARCH_FILE).read_text())
         return {str(k) for k in saved.get("params") or {}}
     except (OSError, AttributeError, yaml.YAMLError):
         return set()

@@ -4,14 +4,13 @@ one batch through the configured launcher, tell the study how each ended.
 Each trial is an ordinary cnnexp job in `<sweep dir>/<trial number>/`, so the
 job directories of a continued study never collide with earlier ones, and a
 trial's own run.json says how it ended (completed, pruned, failed). The job
-learns which trial it is from one environment variable (cnnexp/pruning.py).
+learns which trial it is from one environment variable (cnnexp/sweep/pruning.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,13 @@ from typing import Any
 from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp import objective as objectives
-from cnnexp import search as results
+from cnnexp.cpu import parallel_jobs_of
 from cnnexp.errors import ConfigError
-from cnnexp.pruning import (
+from cnnexp.results import objective as objectives
+from cnnexp.results.files import METRICS_FILE
+from cnnexp.results.record import read_record
+from cnnexp.sweep import search as results
+from cnnexp.sweep.pruning import (
     PRUNER_ATTR,
     PRUNERS,
     TRIAL_ENV,
@@ -31,7 +33,6 @@ from cnnexp.pruning import (
     open_storage,
     require_optuna,
 )
-from cnnexp.runrecord import read_record
 
 from ._space import SearchSpace, SearchSpaceError, format_value, params_from_config, parse
 
@@ -210,7 +211,7 @@ class Search:
             if value is None:
                 value = record.get("objective_value")
             if value is None:  # a record without the objective: compute it from the job's metrics
-                value = _objective_from_metrics(self.objective, self.sweep_dir / str(number) / "metrics.csv")
+                value = _objective_from_metrics(self.objective, self.sweep_dir / str(number) / METRICS_FILE)
             value = math.nan if value is None else float(value)
             if math.isnan(value):
                 log.warning("Trial %d completed without a value for %s; counted as failed", number, self.objective)
@@ -226,7 +227,7 @@ class Search:
         return False
 
     def _write_summary(self) -> None:
-        from cnnexp.sweep import write_summary
+        from cnnexp.sweep.summary import write_summary
 
         try:
             write_summary(self.sweep_dir)
@@ -317,11 +318,7 @@ def _enqueued_params(entry: Any, space: SearchSpace) -> dict:
 
 def _launcher_jobs(config: DictConfig) -> int:
     """Trials in flight: the launcher's n_jobs (joblib; negative counts back from the cores), else 1."""
-    n = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
-    if n is None:
-        return 1
-    n = int(n)
-    return max(1, (os.cpu_count() or 1) + 1 + n) if n < 0 else max(1, n)
+    return parallel_jobs_of(OmegaConf.select(config, "hydra.launcher.n_jobs", default=None))
 
 
 def _check_composes(sweeper, space: SearchSpace) -> None:

@@ -2,5 +2,5 @@
 
 Hydra accepts launcher classes only from the `hydra_plugins` namespace
 package; conf/hydra/launcher/slurm.yaml names slurm_launcher.SlurmLauncher.
-The SLURM-side helpers it uses live in cnnexp/slurm.py.
+The SLURM-side helpers it uses live in cnnexp/sweep/slurm.py.
 """

@@ -7,7 +7,7 @@ Hydra's launcher submits one array task per sweep job. This one adds:
   before it) finishes its training step, writes its checkpoint and asks SLURM
   to requeue it; a job SLURM requeues itself (`scontrol requeue`, pre-emption
   in REQUEUE mode) stops the same way. Started again, the job continues from
-  its checkpoint (cnnexp.run resumes a sweep job from its directory);
+  its checkpoint (cnnexp.run.job resumes a sweep job from its directory);
 - a job that dies without a result (killed, out of memory, node lost) is
   recorded as failed, and the other jobs' results are still collected, so
   the sweep ends with its summary and plots and exits 1 naming the job;
@@ -29,7 +29,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 log = logging.getLogger("cnnexp")
 
-# A sweep job stopped by SIGTERM exits with this code after writing its checkpoint (cnnexp.run).
+# A sweep job stopped by SIGTERM exits with this code after writing its checkpoint (cnnexp.run.job).
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM
 
 
@@ -66,7 +66,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         from omegaconf import OmegaConf
         from submitit.slurm.slurm import SlurmJob
 
-        from cnnexp.slurm import accounting_works, queue_watcher
+        from cnnexp.sweep.slurm import accounting_works, queue_watcher
 
         assert self.config is not None
         if not accounting_works():
@@ -96,7 +96,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
 
 def _requeue(submitit_handler) -> None:
-    from cnnexp.slurm import job_state
+    from cnnexp.sweep.slurm import job_state
 
     raw_id = os.environ.get("SLURM_JOB_ID", "")
     array_id, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -121,7 +121,7 @@ def _subdir(overrides: Sequence[str], number: int) -> str:
 
 
 def _lost(job_dir: Path, overrides: list[str], job, err: Exception) -> JobReturn:
-    from cnnexp.slurm import record_lost_job
+    from cnnexp.sweep.slurm import record_lost_job
 
     message = (f"SLURM job {job.job_id} ended without a result ({type(err).__name__}, state {job.state}); "
                f"see {job.paths.stderr}")

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 from cnnexp.data import Normalizer
-from cnnexp.engine import FlatSGD, Stepper
-from cnnexp.kernels import layers as chain_of
-from cnnexp.kernels.build import BuildError, load
+from cnnexp.engine.kernels import layers as chain_of
+from cnnexp.engine.kernels.build import BuildError, load
+from cnnexp.engine.optimizers import FlatSGD
+from cnnexp.engine.steppers import Stepper
 
 __all__ = ["CompiledStepper", "unsupported_reason"]
 

@@ -17,6 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from cnnexp.cpu import cache_dir, cpu_flags
+
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
@@ -32,21 +34,9 @@ def compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def library_path(cxx: str) -> Path:
-    from cnnexp.autotune import cache_dir
-
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(FLAGS), cxx, *version, _cpu_flags()]).encode())
+    key = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(FLAGS), cxx, *version, cpu_flags()]).encode())
     return cache_dir() / "kernels" / f"fused_step-{key.hexdigest()[:16]}.so"
 
 

@@ -1,0 +1,129 @@
+"""From a config to what a run trains: seeds, the data on the device, the model,
+the optimiser, the CPU step and the thread counts, each decided once here.
+
+The order is part of the contract: the random numbers a run draws (model
+initialisation, the validation split is seeded apart) follow from it, so a
+run and its resume compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from cnnexp import data as datasets
+from cnnexp.config.targets import instantiate_checked, optimizer_config
+from cnnexp.cpu import cpu_budget, thread_plan
+from cnnexp.engine.autotune import COMPILED, StepPlan, plan_cpu_step
+from cnnexp.engine.kernels import CompiledStepper
+from cnnexp.engine.optimizers import FlatSGD, build_optimizer
+from cnnexp.engine.steppers import Engine
+from cnnexp.errors import ConfigError, DataError
+from cnnexp.run.resume import Checkpoint
+
+log = logging.getLogger("cnnexp")
+
+
+@dataclass
+class Threads:
+    """CPU threads and oneDNN use of the training steps and of evaluation."""
+
+    train: int
+    eval: int
+    train_onednn: bool | None = None  # None: leave torch's setting alone (GPU runs)
+    eval_onednn: bool | None = None
+
+    def as_record(self) -> dict:
+        return {"train": self.train, "eval": self.eval}
+
+
+@dataclass
+class Setup:
+    data: datasets.DeviceData
+    model: torch.nn.Module
+    optimizer: object  # FlatSGD or TorchOptimizer (engine/optimizers.py)
+    engine: Engine
+    step_plan: StepPlan | None  # CPU runs only
+    threads: Threads
+
+    def describe_step(self) -> str:
+        kind = "flat SGD" if isinstance(self.optimizer, FlatSGD) else type(self.optimizer.optimizer).__name__
+        if self.step_plan is not None and self.step_plan.kernel == COMPILED:
+            kind += ", compiled step"
+        if self.engine.use_graph:
+            kind += " in a CUDA graph"
+        return kind
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(model_cfg: DictConfig, splits: datasets.ImageSplits) -> torch.nn.Module:
+    model = instantiate_checked(model_cfg, "model", in_channels=splits.in_channels, num_classes=len(splits.classes))
+    probe = splits.train_images[:1].float()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as err:
+        h, w = splits.image_size
+        # The tutorial net's shapes are fixed for 32x32 inputs; other sizes are the usual cause.
+        advice = ("Resize the images (data.resize=32 for an image folder, data.image_size=32 for synthetic data) "
+                  "or choose another model."
+                  if (h, w) != (32, 32) else "Check the model.* keys, or choose another model.")
+        raise DataError(
+            f"The model {model_cfg._target_} fails on one {h}x{w} image ({str(err).splitlines()[0]}). {advice}"
+        ) from None
+    if out.shape != (1, len(splits.classes)):
+        raise DataError(f"The model {model_cfg._target_} returned shape {tuple(out.shape)} for one image; "
+                        f"expected (1, {len(splits.classes)}).")
+    return model
+
+
+def build(cfg: DictConfig, device: torch.device, checkpoint: Checkpoint | None) -> Setup:
+    t_cfg = cfg.trainer
+    seed_everything(t_cfg.seed)
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    splits = datasets.read_splits(cfg.data)
+    splits = datasets.split_validation(splits, cfg.data.get("val_size", 0), cfg.data.get("split_seed", 0))
+    model = build_model(cfg.model, splits).to(device)
+    data = datasets.to_device(splits, cfg.data, device)
+    del splits
+
+    batch_size = int(cfg.data.batch_size)
+    step_plan = None
+    if device.type == "cpu":  # time the candidate steps (or read the cached choice) on a real batch
+        step_plan = plan_cpu_step(model, optimizer_config(cfg.optim, quiet=True), t_cfg, data.train_x[:batch_size],
+                                  data.train_y[:batch_size], prepare=data.normalize, num_classes=data.num_classes,
+                                  budget=cpu_budget(), previous=checkpoint.step_plan if checkpoint else None)
+        log.info("CPU step: %s (%s)", step_plan.label, step_plan.chosen_by)
+    try:
+        optimizer = build_optimizer(optimizer_config(cfg.optim), model, fast_path=t_cfg.fast_path,
+                                    capturable=device.type == "cuda" and t_cfg.cuda_graph)
+    except (TypeError, ValueError) as err:  # torch.optim checks its own values (eps < 0, ...)
+        raise ConfigError(f"optim._target_={cfg.optim._target_!r} refused the optim.* keys: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+    compiled = step_plan is not None and step_plan.kernel == COMPILED
+    engine = Engine(model, optimizer, data.train_x.shape[0], batch_size, device, num_classes=data.num_classes,
+                    cuda_graph=t_cfg.cuda_graph, prepare=data.normalize,
+                    stepper_class=CompiledStepper if compiled else None)
+    return Setup(data, model, optimizer, engine, step_plan, plan_threads(t_cfg, batch_size, device, step_plan))
+
+
+def plan_threads(t_cfg: DictConfig, batch_size: int, device: torch.device, step_plan: StepPlan | None) -> Threads:
+    """The one place a run's thread counts are decided: the timed step plan's
+    for training where there is one, else the rule in cnnexp/cpu.py."""
+    train, evaluation = thread_plan(t_cfg.num_threads, batch_size)
+    # oneDNN's convolution setup costs more than it saves at these sizes.
+    onednn = None if device.type != "cpu" or not t_cfg.fast_path else False
+    if step_plan is None:
+        return Threads(train, evaluation, onednn, onednn)
+    return Threads(step_plan.threads, evaluation, step_plan.onednn, onednn)

@@ -33,3 +33,17 @@ def bench_sweep(session: nox.Session) -> None:
     """Sweep throughput, basic against joblib launcher: nox -s bench_sweep [-- --repeats 5]."""
     session.install(".")
     session.run("python", "benchmarks/bench_sweep.py", *session.posargs)
+
+
+@nox.session
+def bench_recipe(session: nox.Session) -> None:
+    """The fast94 step against a plain PyTorch loop: nox -s bench_recipe [-- --batch 1024 --repeats 5]."""
+    session.install(".")
+    session.run("python", "benchmarks/bench_recipe.py", *session.posargs)
+
+
+@nox.session
+def bench_startup(session: nox.Session) -> None:
+    """Start-up and per-job overhead of a run, a sweep and a search: nox -s bench_startup [-- --repeats 5]."""
+    session.install(".[search]")  # the 4-trial search needs Optuna
+    session.run("python", "benchmarks/bench_startup.py", *session.posargs)

@@ -111,10 +111,21 @@ def cpu_settings(threads: int | None, onednn: bool | None = None):
 
 # ----------------------------------------------------------------- identity and cache
 def cache_dir() -> Path:
-    """$CNNEXP_CACHE_DIR, else $XDG_CACHE_HOME/cnnexp, else ~/.cache/cnnexp."""
+    """$CNNEXP_CACHE_DIR, else $XDG_CACHE_HOME/cnnexp, else ~/.cache/cnnexp.
+
+    Only a path: nothing is created here. Every cache is a shortcut, so each
+    writer treats a directory it cannot create or write as "no cache" (one
+    warning, the work done again), never as a failed run."""
     if os.environ.get("CNNEXP_CACHE_DIR"):
         return Path(os.environ["CNNEXP_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no $HOME and no home in the password database (some batch jobs)
+            import tempfile
+
+            base = Path(tempfile.gettempdir()) / f"cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     return Path(base).expanduser() / "cnnexp"
 
 

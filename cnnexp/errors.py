@@ -24,3 +24,13 @@ class TrainingDiverged(CnnexpError):
 
 class DiskFull(CnnexpError):
     """No space left (or quota exceeded) while writing a file."""
+
+
+class NotWritable(CnnexpError):
+    """A directory cnnexp writes into became read-only or forbidden."""
+
+
+class UntrustedFile(CnnexpError):
+    """A .pt file that would run code when unpickled (it holds more than tensors and plain values)."""
+
+    exit_code = 2

@@ -1,23 +1,30 @@
 """Figures rendered from a run's saved files alone (CSVs and the sample npz),
-so they can be redrawn anywhere with `python -m cnnexp.plot DIR`."""
+so they can be redrawn anywhere with `python -m cnnexp.plot DIR`.
+
+matplotlib and pandas are imported when the first figure is drawn, so a job
+that draws none (trainer.plots=none) never pays for them. Figures are drawn on
+plain `Figure` objects (no pyplot state to clean up), with fixed margins where
+the labels are known, and the prediction samples as one image: drawing the
+figures is most of the time between a short run's last epoch and its exit.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from cnnexp.errors import DiskFull
+from cnnexp.results.files import CONFUSION_FILE, METRICS_FILE, PER_CLASS_FILE, SAMPLES_FILE
+from cnnexp.results.metrics import read_metrics
+from cnnexp.results.objective import selected_row
+from cnnexp.safeio import atomic_path
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+if TYPE_CHECKING:
+    import pandas as pd
 
-from cnnexp.errors import DiskFull  # noqa: E402
-from cnnexp.results.files import CONFUSION_FILE, METRICS_FILE, PER_CLASS_FILE, SAMPLES_FILE  # noqa: E402
-from cnnexp.results.metrics import read_metrics  # noqa: E402
-from cnnexp.results.objective import selected_row  # noqa: E402
-from cnnexp.safeio import atomic_path  # noqa: E402
+# trainer.plots: every figure, only the overview of the curves, or none.
+PLOTS = ("all", "final", "none")
+DPI = 110
 
 # The original experiment plotted one figure per metric.
 METRIC_FIGURES = {
@@ -33,6 +40,42 @@ VAL_FIGURES = {
 }
 
 
+def __getattr__(name: str):
+    """`figures.plt`: pyplot on the file-only backend, for code that draws with pyplot."""
+    if name == "plt":
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+
+        return plt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _figure(figsize: tuple[float, float], rows: int = 1, columns: int = 1):
+    """A new figure and its axes. No pyplot: no backend to pick, nothing global to close."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, columns, squeeze=rows * columns == 1)
+
+
+# Margins of the curve figures, whose labels are always the same: no layout pass needed.
+CURVE_MARGINS = dict(left=0.12, right=0.97, bottom=0.12, top=0.91)
+OVERVIEW_MARGINS = dict(left=0.07, right=0.985, bottom=0.075, top=0.95, wspace=0.22, hspace=0.35)
+
+
+# About the width of one character of a 10-point tick label: margins for the class names,
+# computed instead of measured (a layout pass draws the whole figure once more).
+CHAR_INCHES = 0.085
+
+
+def _margins(width: float, height: float, left: float, bottom: float, top: float, right: float) -> dict:
+    """subplots_adjust fractions from margins in inches (at most half the figure each way)."""
+    return dict(left=min(left / width, 0.5), right=1 - min(right / width, 0.4),
+                bottom=min(bottom / height, 0.5), top=1 - min(top / height, 0.4))
+
+
 def _selected_epoch(metrics: pd.DataFrame) -> int | None:
     """The epoch a run with a validation split selects (results/objective.py)."""
     best = selected_row(metrics.to_dict("records"))
@@ -40,6 +83,8 @@ def _selected_epoch(metrics: pd.DataFrame) -> int | None:
 
 
 def _whole_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -48,18 +93,20 @@ def _mark_selected(ax, epoch: int | None) -> None:
         ax.axvline(epoch, color="gray", linestyle="--", linewidth=1, label=f"selected (epoch {epoch})")
 
 
-def _save(fig, path: Path) -> Path:
-    try:
+def _save(fig, path: Path, margins: dict | None = None) -> Path:
+    """Write fig as path, atomically; `margins` replace the layout pass (which draws the figure once more)."""
+    if margins is None:
         fig.tight_layout()
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # never half a PNG
-            fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
+    else:
+        fig.subplots_adjust(**margins)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # never half a PNG
+        fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     return path
 
 
-def render_run(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
-    """Render every figure whose inputs exist in run_dir into run_dir/plots.
+def render_run(run_dir: Path, problems: list[str] | None = None, plots: str = "all") -> list[Path]:
+    """Render the figures whose inputs exist in run_dir into run_dir/plots:
+    every figure (plots="all"), only overview.png ("final") or none ("none").
 
     A half-written, damaged or older run is drawn as far as it goes: what
     could not be drawn, and why, is added to `problems` (if given)."""
@@ -67,11 +114,15 @@ def render_run(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
     out = run_dir / "plots"
     problems = [] if problems is None else problems
     written = []
+    if plots == "none":
+        return written
     metrics, problem = read_metrics(run_dir / METRICS_FILE)
     if problem:
         problems.append(problem)
     if metrics is not None:
-        written += render_metric_figures(metrics, out)
+        written += render_metric_figures(metrics, out, each=plots == "all")
+    if plots != "all":
+        return written
     for name, draw, figure in ((CONFUSION_FILE, plot_confusion, "confusion_matrix.png"),
                                (PER_CLASS_FILE, plot_per_class, "per_class_accuracy.png"),
                                (SAMPLES_FILE, plot_predictions, "predictions.png")):
@@ -86,26 +137,29 @@ def render_run(run_dir: Path, problems: list[str] | None = None) -> list[Path]:
     return written
 
 
-def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
-    """One figure per metric the file has, and the overview of those."""
+def render_metric_figures(metrics: pd.DataFrame, out: Path, each: bool = True) -> list[Path]:
+    """One figure per metric the file has (`each`), and the overview of those.
+    The single-metric figures share one figure object, redrawn per metric."""
     selected = _selected_epoch(metrics)
     figures = {**METRIC_FIGURES, **(VAL_FIGURES if selected is not None else {})}
     present = {c: spec for c, spec in figures.items() if c in metrics and metrics[c].notna().any()}
     written = []
-    for column, (title, ylabel, scale) in present.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
-        _whole_epochs(ax)
-        if column in VAL_FIGURES:
-            _mark_selected(ax, selected)
-            ax.legend(fontsize=8)
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / f"{column}.png"))
+    if each and present:
+        fig, ax = _figure((6, 4))
+        for column, (title, ylabel, scale) in present.items():
+            ax.clear()
+            ax.plot(metrics["epoch"], metrics[column] * scale, marker="o", markersize=3)
+            _whole_epochs(ax)
+            if column in VAL_FIGURES:
+                _mark_selected(ax, selected)
+                ax.legend(fontsize=8)
+            ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, out / f"{column}.png", CURVE_MARGINS))
     overview = {c: spec for c, spec in METRIC_FIGURES.items() if c in present}
     if not overview:
         return written
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = _figure((10, 7), 2, 2)
     for ax in axes.flat[len(overview):]:
         ax.axis("off")
     for ax, (column, (title, ylabel, scale)) in zip(axes.flat, overview.items()):
@@ -120,15 +174,17 @@ def render_metric_figures(metrics: pd.DataFrame, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "overview.png"))
+    written.append(_save(fig, out / "overview.png", OVERVIEW_MARGINS))
     return written
 
 
 def plot_confusion(path: Path, out: Path) -> Path:
+    import pandas as pd
+
     table = pd.read_csv(path, index_col=0)
     counts = table.to_numpy()
     n = len(table)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    fig, ax = _figure((1.0 + 0.6 * n, 0.8 + 0.55 * n))
     ax.imshow(counts, cmap="Blues")
     ax.set_xticks(range(n), table.columns, rotation=45, ha="right")
     ax.set_yticks(range(n), table.index)
@@ -138,35 +194,69 @@ def plot_confusion(path: Path, out: Path) -> Path:
         for j in range(n):
             ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if counts[i, j] > high else "black")
-    return _save(fig, out)
+    width, height = fig.get_size_inches()
+    longest = max((len(str(name)) for name in [*table.columns, *table.index]), default=1)
+    return _save(fig, out, _margins(width, height, left=0.5 + CHAR_INCHES * longest,
+                                    bottom=0.55 + 0.71 * CHAR_INCHES * longest, top=0.35, right=0.15))
 
 
 def plot_per_class(path: Path, out: Path) -> Path:
+    import pandas as pd
+
     table = pd.read_csv(path)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(table)), 4))
+    fig, ax = _figure((max(6, 0.6 * len(table)), 4))
     ax.bar(table["class"], table["accuracy"] * 100, color="tab:blue")
     mean = table["correct"].sum() / table["total"].sum() * 100
     ax.axhline(mean, color="tab:red", linestyle="--", label=f"overall {mean:.1f} %")
     ax.set(ylabel="test accuracy (%)", title="Test accuracy per class", ylim=(0, 100))
     ax.tick_params(axis="x", rotation=45)
     ax.legend()
-    return _save(fig, out)
+    width, height = fig.get_size_inches()
+    longest = max((len(str(name)) for name in table["class"]), default=1)
+    return _save(fig, out, _margins(width, height, left=0.65, bottom=0.35 + 0.71 * CHAR_INCHES * longest,
+                                    top=0.35, right=0.15))
+
+
+def sample_mosaic(images, columns: int, hpad: int, vpad: int):
+    """The sample images (N, C, H, W) tiled into one picture on a white background,
+    `columns` cells a row; each cell is an image with `vpad` rows of room above it
+    (for its caption) and `hpad` columns beside it. One image draws much faster
+    than one axes per sample."""
+    import numpy as np
+
+    n, channels, height, width = images.shape
+    rows = -(-n // columns)
+    cell_h, cell_w = height + vpad, width + hpad
+    mosaic = np.full((rows * cell_h, columns * cell_w, channels), 255 if images.dtype == np.uint8 else 1.0,
+                     dtype=images.dtype)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        top, left = r * cell_h + vpad, c * cell_w + hpad // 2
+        mosaic[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+    return mosaic[..., 0] if channels == 1 else mosaic
 
 
 def plot_predictions(path: Path, out: Path, columns: int = 8) -> Path:
+    import numpy as np
+
     sample = np.load(path)
     images, labels, preds, classes = sample["images"], sample["labels"], sample["predictions"], sample["classes"]
-    rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, label, pred in zip(axes.flat, images, labels, preds):
-        picture = image.transpose(1, 2, 0)
-        ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", interpolation="nearest")
-        right = label == pred
-        ax.set_title(f"{classes[label]}\n→ {classes[pred]}", fontsize=7, color="tab:green" if right else "tab:red")
+    columns = max(1, min(columns, len(images)))
+    rows = max(1, -(-len(images) // columns))
+    fig, ax = _figure((1.6 * columns, 1.9 * rows + 0.3))
+    ax.axis("off")
+    if len(images):
+        height, width = images.shape[2:]
+        hpad, vpad = round(width / 3), round(height * 0.6)  # a cell of 1.6 x 1.9 inches, as one axes per image had
+        ax.imshow(sample_mosaic(images, columns, hpad, vpad), cmap="gray", interpolation="nearest",
+                  extent=(0, columns * (width + hpad), rows * (height + vpad), 0))
+        for k, (label, pred) in enumerate(zip(labels, preds)):
+            r, c = divmod(k, columns)
+            ax.text((c + 0.5) * (width + hpad), r * (height + vpad) + vpad - 1,
+                    f"{classes[label]}\n→ {classes[pred]}", fontsize=7, ha="center", va="bottom",
+                    color="tab:green" if label == pred else "tab:red")
     fig.suptitle("Test images: true class → predicted (green right, red wrong)", fontsize=9)
-    return _save(fig, out)
+    return _save(fig, out, margins=dict(left=0.005, right=0.995, bottom=0.005, top=1 - 0.3 / (1.9 * rows + 0.3)))
 
 
 # ----------------------------------------------------------------- sweeps
@@ -182,18 +272,20 @@ SWEEP_FIGURES = {
 def render_sweep(sweep_dir: Path, curves: dict[str, pd.DataFrame], groups: dict[str, list[str]] | None) -> list[Path]:
     """Comparison figures in the sweep root: one line per job (labelled by its
     overrides), or with seeds, one line per group with a +-std band."""
+    import pandas
+
     written = []
     for column, (title, ylabel, scale) in SWEEP_FIGURES.items():
         if not any(column in frame for frame in curves.values()):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = _figure((7, 4.5))
         if groups:
             for label, members in groups.items():
                 frames = [curves[m].set_index("epoch")[column] * scale for m in members
                           if m in curves and column in curves[m]]
                 if not frames:
                     continue
-                stacked = pd.concat(frames, axis=1)
+                stacked = pandas.concat(frames, axis=1)
                 mean, std = stacked.mean(axis=1), stacked.std(axis=1, ddof=1).fillna(0.0)  # sample std, as in summary.csv
                 line = ax.plot(mean.index, mean, label=f"{label} (n={len(frames)})")[0]
                 ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
@@ -223,7 +315,7 @@ def plot_against_original(metrics: pd.DataFrame, out: Path) -> Path:
     best = (min(r["best"] for r in runs), max(r["best"] for r in runs))
     last = (min(r["epoch 50"] for r in runs), max(r["epoch 50"] for r in runs))
     first = (min(r["epoch 1"] for r in runs), max(r["epoch 1"] for r in runs))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure((7, 4.5))
     ax.plot(metrics["epoch"], metrics["test_acc"] * 100, marker="o", markersize=3, label="cnnexp", zorder=3)
     ax.fill_between([7.5, 13.5], *best, color="tab:green", alpha=0.2, label=f"original best {best[0]}-{best[1]} %")
     ax.fill_between([48, 50.5], *last, color="tab:orange", alpha=0.3,

@@ -26,11 +26,15 @@ def test_the_readme_demo_writes_everything_and_learns(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0].keys()) == COLUMNS
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert all(0 <= float(r["test_acc"]) <= 1 for r in rows)
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert state["conv1.weight"].shape == (6, 3, 5, 5)
     with open(run_dir / "per_class.csv") as f:
-        assert sum(int(r["total"]) for r in csv.DictReader(f)) == 1000
+        per_class = list(csv.DictReader(f))
+    assert sum(int(r["total"]) for r in per_class) == 1000
+    # The last epoch's test accuracy is the final model's: the correct test images out of 1000.
+    assert float(rows[-1]["test_acc"]) == sum(int(r["correct"]) for r in per_class) / 1000
+    assert all(float(r["test_acc"]) * 1000 == round(float(r["test_acc"]) * 1000) for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
     for name in RUN_PLOTS:
         assert (run_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((run_dir / "run.json").read_text())
@@ -113,7 +117,7 @@ INVALID = [
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.max_epochs=0", "trainer.max_epochs"),
     ("trainer.device=tpu", "trainer.device"),
-    ("trainer.lr_schedule=linear", "trainer.lr_schedule"),
+    ("trainer.lr_schedule=triangle", "trainer.lr_schedule"),
     ("trainer.num_threads=0", "trainer.num_threads"),
     ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
     ("data.n_train=0", "data.n_train"),

@@ -271,7 +271,7 @@ def test_models_outside_the_compiled_layers_say_why(model, reason):
     assert reason in unsupported_reason(model(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
 
 
-def test_other_optimisers_and_no_compiler_fall_back_with_a_reason(monkeypatch):
+def test_other_optimisers_and_no_compiler_fall_back_with_a_reason(monkeypatch, tmp_path):
     from cnnexp.engine.autotune import compiled_step_problem
     from cnnexp.engine.kernels import build
 
@@ -280,5 +280,6 @@ def test_other_optimisers_and_no_compiler_fall_back_with_a_reason(monkeypatch):
     assert "torch.optim.Adam" in compiled_step_problem(TutorialCNN(), adam, flat_sgd=False, x=batch)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CNNEXP_CACHE_DIR", str(tmp_path))  # no library built yet: a compiler is needed
     with pytest.raises(build.BuildError, match="no C.. compiler"):
         build.load.__wrapped__()

@@ -124,7 +124,7 @@ def test_group_options_offered_by_hydra_are_the_real_ones_not_the_schema_nodes(c
     with pytest.raises(Exception) as err:
         compose_cfg(["model=nosuch"])
     options = str(err.value).split("Available options in 'model':")[1].split("Config search path")[0]
-    assert options.split() == ["tutorial_cnn", "wide_cnn"]
+    assert options.split() == ["fast94_net", "resnet18", "timm", "tutorial_cnn", "wide_cnn"]
     with pytest.raises(Exception) as err:  # the schema still types the keys
         compose_cfg(["optim.lr=abc"])
     assert "could not be converted to Float" in str(err.value.__cause__)
@@ -146,19 +146,19 @@ def test_a_bad_target_is_one_line_exit_2_before_any_data_is_read(tmp_path):
 
 # ------------------------------------------------------------ first impressions
 def test_help_describes_cnnexp_and_lists_real_options_also_from_a_users_own_folder(tmp_path):
-    (tmp_path / "my_conf" / "augment").mkdir(parents=True)
-    (tmp_path / "my_conf" / "augment" / "flip.yaml").write_text("p: 0.5\n")
+    (tmp_path / "my_conf" / "mixing").mkdir(parents=True)
+    (tmp_path / "my_conf" / "mixing" / "flip.yaml").write_text("p: 0.5\n")
     result = run_cli(["model=wide_cnn", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "--help"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("cnnexp: train image classifiers")
     assert "_schema" not in text
     groups = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()
-              if line.startswith("  ") and line.split()[0] in {"data", "model", "optim", "trainer", "augment",
+              if line.startswith("  ") and line.split()[0] in {"data", "model", "optim", "trainer", "mixing",
                                                                  "hydra/launcher"}}
-    assert groups["model"] == "tutorial_cnn, wide_cnn*"  # the chosen option is marked
+    assert groups["model"] == "fast94_net, resnet18, timm, tutorial_cnn, wide_cnn*"  # the chosen option is marked
     assert groups["optim"] == "adam, sgd*" and groups["data"] == "cifar10*, imagefolder, synthetic"
-    assert groups["augment"] == "flip   (add with +augment=NAME)"  # a group of the user's own
+    assert groups["mixing"] == "flip   (add with +mixing=NAME)"  # a group of the user's own
     assert "joblib" in groups["hydra/launcher"]
     for example in ("cnnexp -m ", "trainer.resume=", "python -m cnnexp.plot", "outputs/<date>/<time>/"):
         assert example in text

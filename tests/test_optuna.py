@@ -139,7 +139,10 @@ def test_a_pruned_trial_is_not_a_failure():
 def test_a_hopeless_trial_is_pruned_early(tmp_path, launcher):
     """Two trials learn; the third (lr 1e-7) cannot and is stopped after its first epoch,
     also when the trials run in other processes."""
-    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    # Two workers: the one that takes trial 2 has completed a trial, its neighbour may still be
+    # training; one completed trial to compare against makes the pruning decision independent of that race.
+    extra = (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.pruner_startup_trials=1"]
+             if launcher == "joblib" else [])
     result = run_cli([*SEARCH, "hydra.sweep.dir=sweep", *HOPELESS, *extra], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -154,6 +157,11 @@ def test_a_hopeless_trial_is_pruned_early(tmp_path, launcher):
     assert list(summary["state"]) == ["complete", "complete", "pruned"]
     assert list(summary["epochs"]) == [3, 3, 1]
     assert "did not complete" not in result.stderr
+    best = (sweep / "best.txt").read_text().splitlines()
+    assert best[1] == "Trials: 3 (2 completed, 1 pruned)"
+    assert best[2].startswith("Epochs trained: 7 of 9 (completed and pruned trials, each to its last epoch); "
+                              "pruning 1 trial(s) saved 2 epochs (22 %)")
+    assert f"Best trial: {study.best_trial.number}, " in best[3]
     # The trial's link to the study is a Hydra setting: its own config and overrides are the user's.
     overrides = yaml.safe_load((hopeless / ".hydra" / "overrides.yaml").read_text())
     assert "optim.lr=1e-07" in overrides and not any(TRIAL_ENV in o for o in overrides)
@@ -186,6 +194,7 @@ def test_a_search_records_every_trial_and_names_the_best(small_search):
     best = study.best_trial
     text = (sweep / "best.txt").read_text()
     assert f"Best trial: {best.number}" in text and f"optim.lr={best.params['optim.lr']!r}" in text
+    assert "Trials: 3 (3 completed, 0 pruned)" in text.splitlines()
     assert f"optim.lr={best.params['optim.lr']!r}" in result.stderr + result.stdout  # printed at the end
     for name in ("search_history.png", "search_curves.png", "search_slice.png", "compare_test_acc.png"):
         assert (sweep / name).is_file(), name

@@ -1,22 +1,34 @@
 """Checks that run before any work: no download, no training, no files.
 
-Types and unknown keys are already checked by the schema (config/schema.py)
-while Hydra composes; these are the ranges and facts a type cannot express.
-Each failure is one ConfigError naming the key, the value and what is allowed.
+Types and unknown keys are checked by the schema (config/schema.py) while
+Hydra composes, except keys added with `+key=value` or `++key=value`: Hydra
+adds those to any node, schema or not (OmegaConf's force_add ignores the
+struct flag), so nothing would read them. `check_unknown_keys` refuses them
+in the composed config; the SweepKeysCheck callback does the same for every
+job of a sweep or search before the first one starts. The rest are the ranges
+and facts a type cannot express. Each failure is one ConfigError naming the
+key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import itertools
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.config.schema import field_checks
+from cnnexp.config.schema import SCHEMAS, Config, field_checks
 from cnnexp.config.targets import check_all_targets
+from cnnexp.config.training import check_training_options
 from cnnexp.data import check_val_size
 from cnnexp.data.imagefolder import check_layout
 from cnnexp.errors import ConfigError
@@ -35,9 +47,11 @@ MANDATORY_HINTS = {"data.root": "a folder holding train/<class>/ and test/<class
 
 
 def validate_config(cfg: DictConfig) -> None:
+    check_unknown_keys(cfg)
     check_mandatory(cfg)
+    check_top_level(cfg)
     data = cfg.data
-    for group in ("optim", "data", "trainer"):
+    for group in ("optim", "data", "trainer", "augment", "model"):
         check_keys(cfg[group], group)
     if not (len(data.mean) == len(data.std) and len(data.mean) in (1, 3)):
         raise ConfigError(f"data.mean={list(data.mean)} and data.std={list(data.std)} do not fit: give one value, "
@@ -48,6 +62,176 @@ def validate_config(cfg: DictConfig) -> None:
     if data.name == "imagefolder":
         check_layout(str(data.root))
     check_split_and_objective(cfg)
+    check_training_options(cfg, resolve_device(cfg.trainer.device).type)
+
+
+# ---------------------------------------------------------------- keys nothing reads
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """Refuse a key that no part of cnnexp reads (one added with `+`), naming the closest real key.
+
+    A node with a `_target_` passes its keys to that target: config/targets.py
+    checks them against its signature, so a custom model's own keys stay allowed.
+    An untyped node (a user's own group option without a schema) is not checked."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(unknown_key_message(unknown[0], cfg))
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys of cfg that its schema does not define (Hydra's own `hydra` node left out)."""
+    found: list[str] = []
+    _walk_unknown(cfg, "", found)
+    return found
+
+
+def _walk_unknown(node: DictConfig, path: str, found: list[str]) -> None:
+    if "_target_" in node:
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for name in node.keys():
+        key = f"{path}.{name}" if path else str(name)
+        if key == "hydra":
+            continue
+        if known is not None and name not in known:
+            found.append(key)
+            continue
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, name) and not child._is_none():
+            _walk_unknown(node[name], key, found)
+
+
+def known_keys(cfg: DictConfig) -> list[str]:
+    """Every key the composed config's schema defines, as dotted paths."""
+    keys: list[str] = []
+
+    def walk(node: DictConfig, path: str, schema) -> None:
+        for f in dataclasses.fields(schema):
+            key = f"{path}.{f.name}" if path else f.name
+            keys.append(key)
+            child = node.get(f.name) if node is not None and f.name in node else None
+            child_schema = OmegaConf.get_type(child) if isinstance(child, DictConfig) else f.type
+            if dataclasses.is_dataclass(child_schema):
+                walk(child if isinstance(child, DictConfig) else None, key, child_schema)
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        walk(cfg, "", schema)
+    return keys
+
+
+def unknown_key_message(key: str, cfg: DictConfig) -> str:
+    parent, _, name = key.rpartition(".")
+    where = f"in {parent}" if parent else "at the top level"
+    group = key.split(".")[0]
+    nested = key.count(".") > 1
+    others = [option for option, node in SCHEMAS.get(group, {}).items()
+              if not nested and name in {f.name for f in dataclasses.fields(node)}]
+    if others and parent == group:  # a key of another option of the same group
+        choice = OmegaConf.select(cfg, f"{group}.name", default=None)
+        this = f"{group}={choice}" if isinstance(choice, str) else f"this {group} option"
+        return (f"{key}: no such key in {this} (it is a key of {group}={others[0]}), so nothing in cnnexp would "
+                f"read it; choose {group}={others[0]} or remove it.")
+    head = f"{key}: no such key {where}, so nothing in cnnexp would read it"
+    known = known_keys(cfg)
+    closest = closest_key(key, known)
+    if closest:
+        return f"{head}; the closest key is {closest} (remove {key}, or set {closest} instead)."
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    return f"{head}; the keys {where} are: {', '.join(siblings)}."
+
+
+# Names other training tools use for a key cnnexp spells differently.
+OTHER_NAMES = {"amp": "trainer.precision", "fp16": "trainer.precision", "bf16": "trainer.precision",
+               "epochs": "trainer.max_epochs", "num_epochs": "trainer.max_epochs", "lr": "optim.lr",
+               "learning_rate": "optim.lr", "batch_size": "data.batch_size", "patience": "trainer.early_stopping.patience",
+               "augmentation": "augment", "run_name": "name", "tag": "tags", "description": "notes"}
+
+
+def closest_key(key: str, known: list[str]) -> str | None:
+    """The real key a mistyped one most likely meant: beside it, under another tool's
+    name for it, or anywhere with the same last part."""
+    parent, _, name = key.rpartition(".")
+    beside = {k[len(parent) + 1:] if parent else k: k for k in known if not parent or k.startswith(parent + ".")}
+    match = difflib.get_close_matches(name, list(beside), n=1, cutoff=0.6)
+    if match:
+        return beside[match[0]]
+    if OTHER_NAMES.get(name) in known:
+        return OTHER_NAMES[name]
+    by_name = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] != parent}
+    match = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.8)
+    return by_name[match[0]] if match else None
+
+
+class SweepKeysCheck(Callback):
+    """A sweep or search stops before its first job when one of its jobs would
+    carry a key nothing reads, or one its `_target_` does not take: otherwise
+    each job would fail alone, one after another."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            for job_cfg in sweep_job_configs(config):
+                check_unknown_keys(job_cfg)
+                check_all_targets(job_cfg)  # the keys a `_target_` is given, against its signature
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+
+
+MAX_GROUP_COMBINATIONS = 64  # composing a config costs ~20 ms; a sweep rarely crosses more options
+
+
+def sweep_job_configs(config: DictConfig):
+    """The configs a sweep's jobs can have, as far as their keys go.
+
+    Which keys a job has depends on its group options and on the keys its
+    overrides add (`+key=...`), not on the values of keys the schema has. So
+    one config per combination of swept group options is composed, and each
+    added key, swept or a search range, is added to it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = list(config.hydra.overrides.task)
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)  # a search space in the config
+    if isinstance(params, DictConfig):
+        lines = [f"{k}={v}" for k, v in OmegaConf.to_container(params, resolve=False).items()] + lines
+    groups = set(OmegaConf.select(config, "hydra.runtime.choices", default={}) or {})
+    fixed, swept_groups, added = [], [], []
+    for override in OverridesParser.create().parse_overrides(lines):
+        if override.is_hydra_override() or not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif override.key_or_group in groups and override.is_choice_sweep():
+            swept_groups.append([f"{override.key_or_group}={v}" for v in override.sweep_string_iterator()])
+        elif override.is_add() or override.is_force_add():
+            added.append(override.key_or_group)
+    if not swept_groups:
+        cfgs = [_without_hydra(config)]
+    else:
+        loader = _config_loader()
+        combos = list(itertools.islice(itertools.product(*swept_groups), MAX_GROUP_COMBINATIONS))
+        cfgs = []
+        for combo in combos:
+            try:
+                cfgs.append(_without_hydra(loader.load_sweep_config(config, [*fixed, *combo])))
+            except HydraException:  # the sweeper reports a job that does not compose, in its own words
+                continue
+    for cfg in cfgs:
+        for key in added:
+            OmegaConf.update(cfg, key, None, force_add=True)
+        yield cfg
+
+
+def _without_hydra(config: DictConfig) -> DictConfig:
+    cfg = config.copy()
+    with_flags = OmegaConf.is_struct(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    OmegaConf.set_struct(cfg, with_flags)
+    return cfg
+
+
+def _config_loader():
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().hydra.config_loader
 
 
 def check_keys(node: DictConfig, group: str) -> None:
@@ -57,6 +241,14 @@ def check_keys(node: DictConfig, group: str) -> None:
             value = node[name]
             plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             _require(check(plain), f"{group}.{name}", plain, allowed)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """The checks of the top-level keys (name, ...) the schema gives one."""
+    for f in dataclasses.fields(Config):
+        check = f.metadata.get("check")
+        if check is not None and f.name in cfg:
+            _require(check(cfg[f.name]), f.name, cfg[f.name], f.metadata["allowed"])
 
 
 def check_mandatory(cfg: DictConfig) -> None:

@@ -34,27 +34,30 @@ def list_groups(loader, parent: str = "") -> list[str]:
     return groups
 
 
+class SearchpathOptions:
+    """Group options as the command sees them, hydra.searchpath's folders (a
+    user's own groups) included: Hydra's loader adds those folders only while
+    composing, but its public `get_group_options` adds them when given the
+    primary config's name and the command's overrides."""
+
+    def __init__(self, loader, config_name: str | None, overrides: list[str]):
+        self.loader, self.config_name, self.overrides = loader, config_name, overrides
+
+    def get_group_options(self, group: str, results_filter: ObjectType) -> list[str]:
+        try:
+            return self.loader.get_group_options(group, results_filter, config_name=self.config_name,
+                                                 overrides=self.overrides)
+        except Exception:  # a searchpath Hydra cannot read: list what the loader sees without it
+            return self.loader.get_group_options(group, results_filter)
+
+
 def _with_searchpath(loader, root: DictConfig):
-    """A repository that also sees the folders of hydra.searchpath (a user's own
-    groups); Hydra's loader only adds them while composing. Falls back to the
-    loader if Hydra's internals differ."""
-    paths = list(root.hydra.get("searchpath") or []) if "hydra" in root else []
-    if not paths:
+    """The loader, seeing hydra.searchpath's folders when the command has any."""
+    hydra_cfg = root.get("hydra") or {}
+    if not hydra_cfg.get("searchpath") or "job" not in hydra_cfg:
         return loader
-    try:
-        import copy
-
-        from hydra._internal.config_repository import ConfigRepository
-
-        search_path = copy.deepcopy(loader.get_search_path())
-        schema = search_path.get_path().pop(-1)
-        for path in paths:
-            search_path.append(provider="hydra.searchpath", path=path)
-        search_path.get_path().append(schema)
-        repo = ConfigRepository(config_search_path=search_path)
-        return repo
-    except Exception:
-        return loader
+    overrides = [*hydra_cfg.get("overrides", {}).get("hydra", []), *hydra_cfg.get("overrides", {}).get("task", [])]
+    return SearchpathOptions(loader, hydra_cfg.job.get("config_name"), list(overrides))
 
 
 def config_groups_text(_root_: DictConfig) -> str:

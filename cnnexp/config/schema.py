@@ -67,6 +67,24 @@ class WideCNNConfig:
     dropout: float = 0.1
 
 
+@dataclass
+class ResNet18Config:
+    _target_: str = "cnnexp.models.ResNet18"  # the CIFAR variant: 3x3 stem, no max-pool
+
+
+@dataclass
+class TimmConfig:
+    _target_: str = "cnnexp.models.TimmModel"
+    name: str = "resnet18"  # any timm.list_models() name, built with pretrained=False
+
+
+@dataclass
+class Fast94NetConfig:
+    _target_: str = "cnnexp.models.Fast94Net"  # patch-whitening stem, three conv blocks, batch norm, GELU
+    widths: list[int] = key([64, 256, 256], lambda v: len(v) == 3 and all(w >= 1 for w in v),
+                            "three block widths >= 1")
+
+
 # ---------------------------------------------------------------- optimisers
 @dataclass
 class SGDConfig:
@@ -108,6 +126,9 @@ class Cifar10Config(DataConfig):
     download: bool = True
     url: str = CIFAR10_URL
     md5: str = CIFAR10_MD5
+    # a stratified subset drawn from data.split_seed; null: every image
+    n_train: int | None = key(None, lambda v: v is None or (1 <= v <= 50000), "null (all 50000) or 1..50000")
+    n_test: int | None = key(None, lambda v: v is None or (1 <= v <= 10000), "null (all 10000) or 1..10000")
 
 
 @dataclass
@@ -129,6 +150,26 @@ class ImageFolderConfig(DataConfig):
     # square side to resize every image to (32 for the tutorial net)
     resize: int | None = key(None, lambda v: v is None or v >= 1, "null or a size >= 1")
     cache: bool = True  # keep decoded tensors beside the images for the next run
+    # a stratified subset drawn from data.split_seed; null: every image
+    n_train: int | None = key(None, lambda v: v is None or v >= 1, "null (all) or >= 1")
+    n_test: int | None = key(None, lambda v: v is None or v >= 1, "null (all) or >= 1")
+
+
+# ---------------------------------------------------------------- augmentation
+# Applied to the training images only, per epoch, as tensor operations on the device.
+@dataclass
+class AugmentConfig:
+    flip: bool = False  # random horizontal flip
+    translate: int = key(0, lambda v: 0 <= v <= 16, "a shift of 0..16 pixels")  # random crop with this padding
+    cutout: int = key(0, lambda v: 0 <= v <= 32, "a square side of 0..32 pixels")  # one zeroed square
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = key(0, at_least(0), "0 (off) or the epochs without improvement to wait")
+    min_delta: float = key(0.0, at_least(0), "an improvement >= 0")
+    # auto: val_acc with a validation split, else test_acc (with a warning)
+    monitor: str = key("auto", choices=("auto", "val_acc", "val_loss", "test_acc", "test_loss"))
 
 
 # ---------------------------------------------------------------- trainer
@@ -147,9 +188,21 @@ class TrainerConfig:
     # auto: the faster of the eager and the compiled step, timed and cached; or eager / compiled
     cpu_step: str = key("auto", choices=("auto", "eager", "compiled"), resumable=True)
     deterministic: bool = False
-    lr_schedule: str = key("constant", choices=("constant", "cosine"))  # cosine: per-epoch decay to 0
+    # constant, cosine (per epoch, as before); onecycle, linear, step: per step; any with warmup_epochs
+    lr_schedule: str = key("constant", choices=("constant", "cosine", "onecycle", "linear", "step"))
+    warmup_epochs: float = key(0.0, at_least(0), "0 or more epochs of linear warmup")
+    label_smoothing: float = key(0.0, lambda v: 0 <= v < 1, "a value in [0, 1)")
+    decay_norm_and_bias: bool = True  # false: optim.weight_decay skips norm weights and biases
+    ema_decay: float = key(0.0, lambda v: 0 <= v < 1, "0 (off) or a decay in (0, 1), e.g. 0.99")
+    precision: str = key("32", choices=("32", "bf16", "16-mixed"))
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (eager step only)
+    tta: str = key("none", choices=("none", "flip", "flip_translate"))  # test-time augmentation
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: str | None = None  # a run dir or a checkpoint file to continue from
     progress: str = key("auto", choices=("auto", "bar", "log", "none"), resumable=True)
+    # the figures drawn at the end: every one, only plots/overview.png, or none (python -m cnnexp.plot draws them later)
+    plots: str = key("all", choices=("all", "final", "none"), resumable=True)
     log_every_steps: int = key(2000, at_least(1), "must be >= 1", resumable=True)
     checkpoint: bool = True
     # what the run returns to a sweeper (results/objective.py); it does not change how the run trains
@@ -175,16 +228,24 @@ class Config:
     optim: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # What to call the run (or the sweep) in run.json, summaries and trackers; null: named by its overrides.
+    # Usable in the output dir pattern: hydra.run.dir='outputs/${name}'.
+    name: str | None = key(None, lambda v: v is None or v.strip() != "", "null, or a name that is not blank")
+    tags: list[str] = field(default_factory=list)  # labels to find and group runs by: tags=[baseline,wide]
+    notes: str = ""  # free text: why this run was made
 
 
 # The schema node of every group option: conf/<group>/<name>.yaml extends
 # schema/<group>/<name>. A new option of a group is one entry here.
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"tutorial_cnn": TutorialCNNConfig, "wide_cnn": WideCNNConfig},
+    "model": {"tutorial_cnn": TutorialCNNConfig, "wide_cnn": WideCNNConfig, "resnet18": ResNet18Config,
+              "timm": TimmConfig, "fast94_net": Fast94NetConfig},
     "optim": {"sgd": SGDConfig, "adam": AdamConfig},
     "data": {"cifar10": Cifar10Config, "synthetic": SyntheticConfig, "imagefolder": ImageFolderConfig},
     "trainer": {"default": TrainerConfig},
+    "augment": {"none": AugmentConfig, "flip_crop": AugmentConfig, "cutout": AugmentConfig},
 }
 
 

@@ -253,7 +253,13 @@ def check_optimizer(optim_cfg: DictConfig) -> None:
               if k not in HYDRA_KEYS}
     check_step(optim_cfg, factory)
     try:
-        factory([torch.zeros(1, requires_grad=True)], **kwargs)
+        try:  # torch.optim checks its values before its parameters: an empty list stops it there, before
+            factory([], **kwargs)  # its first parameter group imports torch._dynamo (a second at start-up)
+        except ValueError as err:
+            if "empty parameter list" not in str(err):
+                raise
+        else:  # an optimiser that takes no parameters: check it on one
+            factory([torch.zeros(1, requires_grad=True)], **kwargs)
     except (TypeError, ValueError) as err:
         settings = " ".join(f"optim.{k}={v}" for k, v in kwargs.items())
         raise ConfigError(f"{optim_cfg._target_} refuses {settings}: {str(err).splitlines()[0]}") from None

@@ -130,10 +130,24 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """A CIFAR-10 batch holds dicts, lists, bytes and numpy arrays; nothing else is
+    built, so a folder from elsewhere cannot run code when it is read."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # bytes in protocol-2 pickles written by Python 3
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it would import {module}.{name}, which a CIFAR-10 batch never needs")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _BatchUnpickler(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
         raise DataError(
             f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete {path.parent} to extract it again."

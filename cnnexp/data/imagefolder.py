@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from cnnexp.cpu import available_cores
 from cnnexp.data.splits import ImageSplits
+from cnnexp.data.subset import check_subset_size
 from cnnexp.errors import ConfigError, DataError, DiskFull
 from cnnexp.safeio import atomic_path
 
@@ -42,8 +43,9 @@ def check_layout(root_value: str) -> Path:
     exist and name the same classes. Raises ConfigError naming the problem."""
     root = Path(root_value).expanduser()
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise ConfigError(
-            f"data.root={root_value!r} does not exist; it must be a folder holding train/<class>/ and test/<class>/."
+            f"data.root={root_value!r} {what}; it must be a folder holding train/<class>/ and test/<class>/."
         )
     for split in ("train", "test"):
         if not (root / split).is_dir():
@@ -77,6 +79,9 @@ def read_imagefolder(cfg: DictConfig) -> ImageSplits:
     classes = class_folders(root / "train")
     train_files, train_labels = list_images(root / "train", classes)
     test_files, test_labels = list_images(root / "test", classes)
+    # A subset larger than the folder is refused before any image is decoded.
+    check_subset_size("data.n_train", cfg.get("n_train"), len(train_files), len(classes))
+    check_subset_size("data.n_test", cfg.get("n_test"), len(test_files), len(classes))
     resize = cfg.resize
 
     cache = root / CACHE_DIR / f"{_cache_prefix(resize)}{_cache_key(root, train_files + test_files, resize)}.pt"
@@ -109,7 +114,7 @@ def read_imagefolder(cfg: DictConfig) -> ImageSplits:
 def decode_all(files: list[Path], resize: int | None) -> torch.Tensor:
     threads = min(8, available_cores())
     with ThreadPoolExecutor(threads) as pool:
-        arrays = list(pool.map(lambda f: _decode(f, resize), files, chunksize=256))
+        arrays = list(pool.map(lambda f: decode_file(f, resize), files, chunksize=256))
     first = arrays[0].shape
     for path, array in zip(files, arrays):
         if array.shape != first:
@@ -121,17 +126,26 @@ def decode_all(files: list[Path], resize: int | None) -> torch.Tensor:
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
-def _decode(path: Path, resize: int | None) -> np.ndarray:
+def decode_file(path: Path, resize: int | None) -> np.ndarray:
+    """One image file as training reads it: (H, W, 3) uint8; DataError if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            if resize is not None and img.size != (resize, resize):
-                img = img.resize((resize, resize), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return image_array(img, resize)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path} cannot be read as an image ({err}); remove or replace it.") from None
+
+
+def image_array(img, resize: int | None) -> np.ndarray:
+    """A PIL image as training sees it: RGB (grey replicated, alpha dropped), resized
+    bilinearly to resize x resize when set; (H, W, 3) uint8. Prediction uses it too."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if resize is not None and img.size != (resize, resize):
+        img = img.resize((resize, resize), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _cache_prefix(resize: int | None) -> str:

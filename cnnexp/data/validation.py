@@ -13,6 +13,9 @@ def check_val_size(val_size: float, n_train: int | None = None) -> None:
     allowed = "a count of training images (e.g. 5000) or a fraction in (0, 1) (e.g. 0.1); 0 for no split"
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         raise ConfigError(f"data.val_size={val_size:g} is not allowed: {allowed}.")
+    if val_size == 1:  # 1 and 1.0 read the same: all of the images, or one of them?
+        raise ConfigError("data.val_size=1 is ambiguous (a fraction means below 1; a count of one image is no "
+                          "validation split): give a fraction such as 0.1, or a count of 2 or more images.")
     if n_train is not None and val_size >= 1 and val_size >= n_train:
         raise ConfigError(f"data.val_size={val_size:g} is not allowed: the training split has only {n_train} "
                           f"images and at least one must remain for training; hold out fewer, or a fraction.")

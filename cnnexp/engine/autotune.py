@@ -8,6 +8,13 @@ wins. The choice is cached per CPU model, model, batch shape, optimiser,
 torch version and core budget in the user cache dir, so later runs and
 sweep jobs start at once. trainer.num_threads, when set, fixes the thread
 count and skips the timing.
+
+The timing never takes much more than TIME_LIMIT seconds: only candidates
+that can apply are timed, and where the answer is known it is not timed at
+all: a step with a lot of work per call (a large batch or large images, or
+one measured step slower than SLOW_STEP) on a model the compiled step cannot
+run goes to every core with oneDNN, which is where large convolutions are
+fastest.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from cnnexp.cpu import cache_dir, cpu_model, cpu_settings
 from cnnexp.engine.kernels import CompiledStepper, unsupported_reason
 from cnnexp.engine.optimizers import SGD_TARGETS, build_optimizer
+from cnnexp.engine.precision import StepOptions
 from cnnexp.engine.steppers import Stepper
 from cnnexp.errors import DiskFull
 from cnnexp.safeio import write_text
@@ -35,6 +43,9 @@ log = logging.getLogger("cnnexp")
 
 CACHE_FORMAT = 1
 EAGER, COMPILED = "eager", "compiled"
+TIME_LIMIT = 2.0  # seconds the timing may take, warm-up included
+LARGE_STEP = 64 * 32 * 32  # images x pixels per step from which the answer is known (batch 64 at 32x32)
+SLOW_STEP = 0.1  # seconds of one single-thread step with enough work for every core and oneDNN
 
 
 @dataclass
@@ -117,24 +128,41 @@ def cached_plan(path: Path, key: str, candidates: list[Candidate]) -> StepPlan |
     return None
 
 
-def time_candidates(candidates: list[Candidate], seconds: float = 1.5, rounds: int = 3) -> dict[str, float]:
+def time_candidates(candidates: list[Candidate], seconds: float = 1.5, rounds: int = 3,
+                    limit: float = TIME_LIMIT) -> dict[str, float]:
     """Median ms per step of each candidate, rounds interleaved so that load
     from other processes hits every candidate alike. After the first round,
     candidates more than twice as slow as the best are not timed again (a
     thread count that fights another process for a core can be 50x slower).
-    A candidate that fails is left out."""
-    steps, times = {}, {}
+    A candidate that fails is left out. Past `limit` seconds the rounds stop
+    (each candidate timed at least once), and when single steps are slow
+    (over limit / 20) the candidates not warmed up yet are left out as well:
+    a busy machine slows every step alike, a large step only itself."""
+    deadline = time.perf_counter() + limit
+    steps, times, slowest_warm_step = {}, {}, 0.0
     for c in candidates:
+        if steps and time.perf_counter() > deadline and slowest_warm_step > limit / 20:
+            log.info("Step candidate %s not timed (the timing's %.0f s are spent)", c.label, limit)
+            continue
         try:
             with cpu_settings(c.threads, c.onednn):
                 step = c.make_step()
-                for _ in range(3):  # warm-up: allocations, first-call setup
+                started = time.perf_counter()
+                step()  # warm-up: allocations, first-call setup; two more where steps are quick
+                first = time.perf_counter() - started
+                if first < limit / 20:
                     step()
+                    step()
+                slowest_warm_step = max(slowest_warm_step, first)
             steps[c.label], times[c.label] = (c, step), []
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
             log.warning("Step candidate %s failed (%s); not using it", c.label, err)
+    if not steps:  # every candidate failed: the run meets (and reports) the model's own error
+        return {}
     slot = seconds / max(1, rounds * len(steps))
     for round_ in range(rounds):
+        if round_ > 0 and time.perf_counter() > deadline:
+            break
         if round_ == 1:
             best = min(t[0] for t in times.values())
             steps = {label: s for label, s in steps.items() if times[label][0] <= 2 * best}
@@ -192,14 +220,18 @@ def thread_counts(budget: int) -> list[int]:
 
 def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tensor, y: torch.Tensor, *, prepare,
                   num_classes: int, budget: int, previous: dict | None = None,
-                  cache_file: Path | None = None, seconds: float = 1.5) -> StepPlan:
+                  cache_file: Path | None = None, seconds: float = 1.5,
+                  options: StepOptions | None = None) -> StepPlan:
     """The step a CPU run trains with. `x`, `y` is one real training batch;
     `previous` is the plan a resumed run started with (kept, so that the
-    resumed run computes exactly what it would have computed)."""
+    resumed run computes exactly what it would have computed); `options` the
+    step's precision, memory format and loss."""
+    options = options or StepOptions()
     flat_sgd = trainer_cfg.fast_path and optim_cfg._target_ in SGD_TARGETS
     wanted = trainer_cfg.get("cpu_step", "auto")
-    compiled_problem = "trainer.cpu_step=eager" if wanted == EAGER else compiled_step_problem(model, optim_cfg,
-                                                                                                flat_sgd, x)
+    decay_all = trainer_cfg.get("decay_norm_and_bias", True)
+    compiled_problem = "trainer.cpu_step=eager" if wanted == EAGER else (
+        options_problem(options, trainer_cfg) or compiled_step_problem(model, optim_cfg, flat_sgd, x))
     if wanted == COMPILED and compiled_problem:
         log.info("The compiled step cannot run this model (%s); using the eager step", compiled_problem)
     if not trainer_cfg.fast_path:  # the plain torch.optim path, as PyTorch sets it up
@@ -213,8 +245,9 @@ def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tenso
     def eager(threads: int, onednn: bool) -> Candidate:
         def make_step():
             scratch = scratch_copy(model)
-            stepper = Stepper(scratch, build_optimizer(optim_cfg, scratch, fast_path=True), x.shape[0], num_classes,
-                              x.shape[0], x.device, prepare)
+            optimizer = build_optimizer(optim_cfg, scratch, fast_path=True, decay_norm_and_bias=decay_all)
+            stepper = Stepper(scratch, optimizer, x.shape[0], num_classes, x.shape[0], x.device, prepare,
+                              options=options)
             return lambda: stepper.step(x, y, row=0)
 
         return Candidate(EAGER, threads, onednn, make_step)
@@ -230,8 +263,14 @@ def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tenso
 
     if trainer_cfg.num_threads:  # fixed by the user: nothing to time
         use_compiled = wanted == COMPILED and not compiled_problem and trainer_cfg.num_threads == 1
-        return StepPlan(threads=trainer_cfg.num_threads, onednn=False, kernel=COMPILED if use_compiled else EAGER,
+        # bf16 and channels_last convolutions run through oneDNN; the plain float32 step is faster without it
+        onednn = not options.is_plain and torch.backends.mkldnn.is_available()
+        return StepPlan(threads=trainer_cfg.num_threads, onednn=onednn, kernel=COMPILED if use_compiled else EAGER,
                         chosen_by="config")
+    if compiled_problem and x.shape[0] * x[0, 0].numel() >= LARGE_STEP:
+        # Plenty of work per step: every core and oneDNN's convolutions; timing would cost more than it tells.
+        return StepPlan(threads=budget, onednn=torch.backends.mkldnn.is_available(), kernel=EAGER,
+                        chosen_by="known (large step)")
     candidates = []
     if wanted != COMPILED or compiled_problem:
         onednn_options = [False, True] if torch.backends.mkldnn.is_available() else [False]
@@ -240,9 +279,48 @@ def plan_cpu_step(model: torch.nn.Module, optim_cfg, trainer_cfg, x: torch.Tenso
         candidates.append(compiled())
     elif wanted == "auto":
         log.info("Compiled CPU step not used: %s", compiled_problem)
-    key = plan_key(model, tuple(x.shape), "flat SGD" if flat_sgd else optim_cfg._target_, budget,
-                   sorted({c.kernel for c in candidates}))
+    optimizer_id = "flat SGD" if flat_sgd else optim_cfg._target_
+    if not options.is_plain:
+        optimizer_id += f" {options}"
+    key = plan_key(model, tuple(x.shape), optimizer_id, budget, sorted({c.kernel for c in candidates}))
+    if compiled_problem and len(candidates) > 1:
+        cache_file = cache_file or cache_dir() / "step_plans.json"
+        if cached_plan(cache_file, key, candidates) is None:
+            # one thread measures the work; more threads would also measure other processes' load
+            step_seconds = one_step_seconds(candidates[0])
+            if step_seconds is not None and step_seconds > SLOW_STEP:
+                plan = StepPlan(threads=budget, onednn=torch.backends.mkldnn.is_available(), kernel=EAGER,
+                                chosen_by=f"known (a 1-thread step takes {1e3 * step_seconds:.0f} ms)")
+                write_cache(cache_file, key, plan)
+                return plan
     return choose(candidates, key, cache_file, seconds)
+
+
+def one_step_seconds(candidate: Candidate) -> float | None:
+    """Seconds of a candidate's first step (its setup included: an upper bound); None if it fails."""
+    try:
+        with torch.random.fork_rng(devices=[]), cpu_settings(candidate.threads, candidate.onednn):
+            step = candidate.make_step()
+            started = time.perf_counter()
+            step()
+            return time.perf_counter() - started
+    except Exception:  # noqa: BLE001 - the timing proper reports a candidate that cannot run
+        return None
+
+
+def options_problem(options: StepOptions, trainer_cfg) -> str | None:
+    """Which step option the compiled step (float32 SGD, plain cross-entropy) does not do, or None."""
+    if options.precision != "32":
+        return f"trainer.precision={options.precision}"
+    if options.channels_last:
+        return "trainer.channels_last=true"
+    if options.label_smoothing:
+        return "trainer.label_smoothing"
+    if not trainer_cfg.get("decay_norm_and_bias", True):
+        return "trainer.decay_norm_and_bias=false"
+    if trainer_cfg.get("compile", False):
+        return "trainer.compile=true"
+    return None
 
 
 def compiled_step_problem(model: torch.nn.Module, optim_cfg, flat_sgd: bool, x: torch.Tensor) -> str | None:

@@ -1,4 +1,9 @@
-"""Evaluation of a model on a split held as tensors: loss, accuracy, confusion matrix."""
+"""Evaluation of a model on a split held as tensors: loss, accuracy, confusion matrix.
+
+With test-time augmentation (trainer.tta) the logits are the weighted mean
+over the views of data/augment.py's tta_views; `options` runs the forward
+pass in the training step's precision and memory format.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cnnexp.data.augment import tta_views
+from cnnexp.engine.precision import StepOptions
 
 
 @dataclass
@@ -19,14 +27,19 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, num_classes: int,
-             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, *, tta: str = "none",
+             options: StepOptions | None = None) -> EvalResult:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=x.device)
     for i in range(0, x.shape[0], batch_size):
         batch = x[i : i + batch_size]
-        out = model(prepare(batch) if prepare is not None else batch)
+        if tta == "none" and (options is None or options.is_plain):
+            out = model(prepare(batch) if prepare is not None else batch)
+        else:
+            out = _augmented_logits(model, prepare(batch) if prepare is not None else batch.float(), tta,
+                                    options or StepOptions())
         target = y[i : i + batch_size]
         loss_sum += F.cross_entropy(out, target, reduction="sum")
         confusion += torch.bincount(target * num_classes + out.argmax(1), minlength=num_classes**2)
@@ -35,3 +48,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     n = x.shape[0]
     return EvalResult(loss=float(loss_sum) / n, accuracy=float(confusion.trace()) / n, confusion=confusion)
 
+
+
+def eval_logits(model: nn.Module, batch: torch.Tensor, tta: str = "none",
+                options: StepOptions | None = None) -> torch.Tensor:
+    """The logits `evaluate` judges a normalised batch by, for callers outside it (cnnexp.load_run)."""
+    if tta == "none" and (options is None or options.is_plain):
+        return model(batch)
+    return _augmented_logits(model, batch, tta, options or StepOptions())
+
+
+def _augmented_logits(model: nn.Module, batch: torch.Tensor, tta: str, options: StepOptions) -> torch.Tensor:
+    out = None
+    for view, weight in tta_views(batch, tta):
+        with options.autocast(batch.device.type):
+            logits = model(options.prepare_input(view)).float() * weight
+        out = logits if out is None else out + logits
+    return out

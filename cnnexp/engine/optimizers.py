@@ -6,6 +6,10 @@ three or four tensor operations instead of a few per parameter. Its math is
 torch.optim.SGD's (dampening 0): buf = momentum*buf + g; p -= lr*buf. Any
 other optimiser, or trainer.fast_path=false, runs through the torch.optim
 class named by the config's `_target_` (TorchOptimizer).
+
+With decay_norm_and_bias=False, weight decay skips every parameter of one
+dimension or less (biases, batch-norm scales and shifts): decaying those
+only fights the normalisation.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class FlatSGD:
     rate schedule still applies inside the graph."""
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, capturable: bool = False):
+                 nesterov: bool = False, capturable: bool = False, decay_norm_and_bias: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
         device, dtype = params[0].device, params[0].dtype
         total = sum(p.numel() for p in params)
@@ -36,12 +40,16 @@ class FlatSGD:
         with torch.no_grad():
             for p in params:
                 n = p.numel()
-                self.params[offset : offset + n].copy_(p.reshape(-1))
-                p.data = self.params[offset : offset + n].view_as(p)
+                view = _channels_last_view if _is_channels_last(p) else _plain_view
+                view(self.params[offset : offset + n], p).copy_(p)
+                p.data = view(self.params[offset : offset + n], p)
                 # Autograd accumulates in place into an existing .grad, so the
                 # views keep every gradient inside self.grads.
-                p.grad = self.grads[offset : offset + n].view_as(p)
+                p.grad = view(self.grads[offset : offset + n], p)
                 offset += n
+        # 1 where weight decay applies, 0 on biases and norm parameters; None: everywhere
+        self.decay_mask = None if decay_norm_and_bias else torch.cat(
+            [torch.full((p.numel(),), float(not is_norm_or_bias(p)), device=device, dtype=dtype) for p in params])
         self.momentum_buffer = torch.zeros_like(self.params) if momentum else None
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self.capturable = capturable
@@ -63,7 +71,9 @@ class FlatSGD:
     @torch.no_grad()
     def step(self) -> None:
         g = self.grads
-        if self.weight_decay:
+        if self.weight_decay and self.decay_mask is not None:
+            g = g.addcmul(self.params, self.decay_mask, value=self.weight_decay)
+        elif self.weight_decay:
             g = g.add(self.params, alpha=self.weight_decay)
         if self.momentum_buffer is not None:
             # A zero buffer makes the first step buf = g, as torch.optim.SGD does.
@@ -86,6 +96,22 @@ class FlatSGD:
         self.set_lr(state["lr"])
         if self.momentum_buffer is not None and state["momentum_buffer"] is not None:
             self.momentum_buffer.copy_(state["momentum_buffer"])
+
+
+def _is_channels_last(p: torch.Tensor) -> bool:
+    return p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+
+
+def _plain_view(segment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return segment.view(p.shape)
+
+
+def _channels_last_view(segment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The segment as a channels-last tensor of p's shape: a model moved to
+    channels_last (trainer.channels_last) keeps its weights in that format,
+    so oneDNN does not reorder them at every step."""
+    o, i, h, w = p.shape
+    return segment.view(o, h, w, i).permute(0, 3, 1, 2)
 
 
 class TorchOptimizer:
@@ -114,11 +140,21 @@ class TorchOptimizer:
         self.lr = float(self.optimizer.param_groups[0]["lr"])
 
 
-def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, capturable: bool = False):
+def is_norm_or_bias(p: torch.Tensor) -> bool:
+    return p.dim() <= 1
+
+
+def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, capturable: bool = False, *,
+                    decay_norm_and_bias: bool = True):
     if fast_path and optim_cfg._target_ in SGD_TARGETS and FlatSGD.supports(model):
         # Keys SGD leaves at its defaults may be absent (e.g. optim=adam optim._target_=torch.optim.SGD).
         return FlatSGD(model, lr=optim_cfg.lr, momentum=optim_cfg.get("momentum", 0.0),
                        weight_decay=optim_cfg.get("weight_decay", 0.0), nesterov=optim_cfg.get("nesterov", False),
-                       capturable=capturable)
-    return TorchOptimizer(instantiate(optim_cfg)(model.parameters()))
+                       capturable=capturable, decay_norm_and_bias=decay_norm_and_bias)
+    if decay_norm_and_bias:
+        return TorchOptimizer(instantiate(optim_cfg)(model.parameters()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if not is_norm_or_bias(p)]},
+              {"params": [p for p in params if is_norm_or_bias(p)], "weight_decay": 0.0}]
+    return TorchOptimizer(instantiate(optim_cfg)([g for g in groups if g["params"]]))
 

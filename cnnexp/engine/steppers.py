@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnexp.engine.optimizers import FlatSGD
+from cnnexp.engine.precision import LossScaler, StepOptions
 
 
 # ----------------------------------------------------------------- one step
@@ -38,9 +39,12 @@ class Stepper:
     with four or five small operations every step."""
 
     def __init__(self, model: nn.Module, optimizer, rows: int, num_classes: int, batch_size: int,
-                 device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 options: StepOptions | None = None):
         self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
         self.prepare = prepare  # raw batch -> model input (normalisation); None: use as is
+        self.options = options or StepOptions()  # precision, memory format, label smoothing
+        self.scaler = LossScaler() if self.options.precision == "16-mixed" else None
         self.logits = torch.zeros(rows, num_classes, device=device)  # one row per sample of the epoch
         self.next_rows = torch.arange(batch_size, device=device)  # where a captured step writes next
 
@@ -55,15 +59,33 @@ class Stepper:
         """One optimiser step. `row` is where its logits go; None (a captured
         step) writes at next_rows and advances it on the device."""
         self.optimizer.zero_grad()
-        out = self.model(self.prepare(x) if self.prepare is not None else x)
-        F.cross_entropy(out, y).backward()
-        self.optimizer.step()
+        if self.options.is_plain:  # the original experiment's step, operation for operation
+            out = self.model(self.prepare(x) if self.prepare is not None else x)
+            F.cross_entropy(out, y).backward()
+            self.optimizer.step()
+        else:
+            out = self._step_with_options(x, y)
         with torch.no_grad():
             if row is None:
                 self.logits.index_copy_(0, self.next_rows, out.detach())
                 self.next_rows += self.batch_size
             else:
                 self.logits[row : row + out.shape[0]].copy_(out.detach())
+
+    def _step_with_options(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        x = opts.prepare_input(self.prepare(x) if self.prepare is not None else x)
+        with opts.autocast(x.device.type):
+            out = self.model(x)
+        loss = opts.loss(out, y)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # float16: scaled loss; a step whose gradients overflowed is skipped
+            self.scaler.backward(loss)
+            if self.scaler.unscale([p for p in self.model.parameters() if p.requires_grad]):
+                self.optimizer.step()
+        return out
 
     def step_slice(self, x: torch.Tensor, y: torch.Tensor, lo: int, hi: int) -> None:
         """One step on samples lo:hi of the epoch's x and y (logits to rows lo:hi)."""
@@ -120,14 +142,20 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer, train_size: int, batch_size: int, device: torch.device, *,
                  num_classes: int, cuda_graph: bool = True, nan_check_every: int = 200,
                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 stepper_class: type[Stepper] | None = None):
+                 stepper_class: type[Stepper] | None = None, options: StepOptions | None = None):
         self.model, self.optimizer = model, optimizer
         self.batch_size, self.device = batch_size, device
         self.steps_per_epoch = -(-train_size // batch_size)  # the last partial batch is kept
         # The compiled step (kernels.CompiledStepper) has the Stepper's interface and recorded logits.
         stepper_class = stepper_class or Stepper
-        self.stepper = stepper_class(model, optimizer, train_size, num_classes, batch_size, device, prepare)
-        self.use_graph = cuda_graph and device.type == "cuda" and isinstance(optimizer, FlatSGD)
+        if options is not None and not options.is_plain:
+            self.stepper = stepper_class(model, optimizer, train_size, num_classes, batch_size, device, prepare,
+                                         options=options)
+        else:
+            self.stepper = stepper_class(model, optimizer, train_size, num_classes, batch_size, device, prepare)
+        # float16's loss scaler decides on the host whether to step: no graph capture then
+        self.use_graph = (cuda_graph and device.type == "cuda" and isinstance(optimizer, FlatSGD)
+                          and self.stepper.scaler is None)
         self.graphed: GraphedStep | None = None
         # On a GPU a NaN check is a host sync: check once per epoch there.
         self.nan_check_every = nan_check_every if device.type == "cpu" else 0
@@ -137,14 +165,20 @@ class Engine:
                     prior_logits: torch.Tensor | None = None,
                     should_stop: Callable[[], bool] = lambda: False,
                     on_progress: Callable[[int, Callable[[], float]], None] | None = None,
-                    progress_every: int = 100) -> EpochResult:
+                    progress_every: int = 100, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    lr_at: Callable[[int], float] | None = None,
+                    after_step: Callable[[], None] | None = None) -> EpochResult:
         """Steps from `start_step` through the permutation, or until should_stop()
-        turns true (checked between steps)."""
+        turns true (checked between steps). `augment` maps the epoch's gathered
+        images to augmented ones; `lr_at(step)` sets the rate before each step;
+        `after_step` runs after each (the weight average)."""
         self.model.train()
         n, bs = perm.numel(), self.batch_size
         perm = perm.to(self.device)
         # One gather per epoch; every batch is then a view, not a copy.
         x_epoch, self.labels = x_all.index_select(0, perm), y_all.index_select(0, perm)
+        if augment is not None:
+            x_epoch = augment(x_epoch)
         self.stepper.begin(start_step * bs, prior_logits)
         total_steps = -(-n // bs)
         if self.use_graph and self.graphed is None and n >= bs:
@@ -152,10 +186,14 @@ class Engine:
         step = start_step
         while step < total_steps:
             lo, hi = step * bs, min(step * bs + bs, n)
+            if lr_at is not None:
+                self.optimizer.set_lr(lr_at(step))
             if self.graphed is not None and hi - lo == bs:
                 self.graphed.step(x_epoch[lo:hi], self.labels[lo:hi])
             else:
                 self.stepper.step_slice(x_epoch, self.labels, lo, hi)
+            if after_step is not None:
+                after_step()
             step += 1
             if self.nan_check_every and step % self.nan_check_every == 0:
                 bad = self._first_bad_step(step - self.nan_check_every, step)

@@ -9,6 +9,8 @@
       model.pt, model_best.pt
       per_class.csv, confusion.csv, predictions_sample.npz
       plots/*.png
+      evaluations/<name>/eval.json ...  python -m cnnexp.evaluate
+      exported/                         python -m cnnexp.export
 """
 
 from __future__ import annotations
@@ -29,10 +31,20 @@ SAMPLES_FILE = "predictions_sample.npz"  # test images with true and predicted c
 PLOTS_DIR = "plots"
 # Any of these makes a directory a run's (python -m cnnexp.plot tells runs from sweeps by them).
 RUN_MARKERS = (METRICS_FILE, RUN_RECORD, CONFIG_FILE, CHECKPOINT_NAME)
+# After training (cnnexp/use/): evaluations/<name>/ per evaluation, exported/ per export.
+EVALUATIONS_DIR = "evaluations"
+EVAL_FILE = "eval.json"
+CONFUSION_FIGURE = "confusion_matrix.png"
+EXPORT_DIR = "exported"
 
 # ---------------------------------------------------------------- a sweep or search
 MULTIRUN_FILE = "multirun.yaml"
 SUMMARY_FILE = "summary.csv"
 SEARCH_FILE = "search.yaml"  # its presence makes a sweep dir an Optuna search
 STUDY_DB = "optuna.db"
+STUDY_JOURNAL = "optuna.journal"  # the study as a journal file (hydra.sweeper.storage=journal)
+ASK_LOCK = ".search-ask"  # held while a search worker asks the study for its next trial
 BEST_FILE = "best.txt"
+
+# ---------------------------------------------------------------- a comparison (python -m cnnexp.compare)
+COMPARISON_FILE = "comparison.csv"

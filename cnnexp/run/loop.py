@@ -3,10 +3,15 @@
 It keeps the original experiment's semantics: each epoch trains over every
 batch of a fresh random permutation (the last partial batch included), then
 evaluates on the whole test split (and the validation split, if any).
+The options past the original experiment come in through the Setup (run/build.py):
+per-step learning rates, augmentation, the weight average that is evaluated
+and saved in place of the training weights, test-time augmentation, and
+early stopping, which ends the run as completed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,8 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.cpu import cpu_settings
+from cnnexp.engine.early_stopping import EarlyStopping, monitored_metric
 from cnnexp.engine.evaluate import EvalResult, evaluate
-from cnnexp.engine.schedules import learning_rate
+from cnnexp.engine.schedules import Schedule
 from cnnexp.errors import TrainingDiverged
 from cnnexp.observers import Observers
 from cnnexp.results.files import BEST_MODEL_FILE, METRICS_FILE
@@ -38,6 +44,32 @@ log = logging.getLogger("cnnexp")
 class RunResult:
     rows: list[dict]
     final_eval: EvalResult
+    record_fields: dict | None = None  # more for run.json (early stopping's epoch)
+
+
+def early_stopping_of(t_cfg: DictConfig, has_val: bool) -> EarlyStopping | None:
+    es = t_cfg.get("early_stopping")
+    if es is None or not es.patience:
+        return None
+    monitor = monitored_metric(es.monitor, has_val)
+    if monitor.startswith("test"):
+        log.warning("Early stopping watches %s: the test split then chooses when training ends, so the test "
+                    "accuracy is no longer an unbiased estimate; hold out data.val_size for it.", monitor)
+    return EarlyStopping(monitor, int(es.patience), float(es.min_delta))
+
+
+def schedule_of(cfg: DictConfig, steps_per_epoch: int) -> Schedule:
+    t_cfg = cfg.trainer
+    return Schedule(float(cfg.optim.lr), t_cfg.lr_schedule, int(t_cfg.max_epochs), steps_per_epoch,
+                    float(t_cfg.get("warmup_epochs", 0.0)))
+
+
+def epoch_row(epoch: int, result, n_train: int, steps: int, evals: dict[str, EvalResult]) -> dict:
+    """The metrics row of an epoch, in metrics.csv's column order (timing added by the caller)."""
+    row = {"epoch": epoch, "train_loss": result.loss_sum / steps, "train_acc": result.correct / n_train}
+    if "val" in evals:
+        row.update(val_loss=evals["val"].loss, val_acc=evals["val"].accuracy)
+    return row | {"test_loss": evals["test"].loss, "test_acc": evals["test"].accuracy}
 
 
 def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: Callable[[], int | None],
@@ -52,6 +84,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     t_cfg, data, model, engine, threads = cfg.trainer, setup.data, setup.model, setup.engine, setup.threads
     data_order = torch.Generator().manual_seed(int(t_cfg.seed))
     at = restore(checkpoint, model, setup.optimizer, data_order)
+    if checkpoint is not None and checkpoint.ema is not None and setup.ema is not None:
+        setup.ema.load_state_dict(checkpoint.ema)
     if at.best_model is not None:  # a stop may have come between the two writes
         atomic_torch_save(at.best_model, run_dir / BEST_MODEL_FILE)
     rows, best_model = at.rows, at.best_model
@@ -61,10 +95,8 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     n_train = data.train_x.shape[0]
     progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
                         show_loss=engine.device.type == "cpu")
-    log.info("Training %s on %s (%d train / %s%d test images, %d classes) for %d epochs on %s "
-             "(%s; threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name, n_train,
-             f"{data.val_x.shape[0]} validation / " if has_val else "", data.test_x.shape[0], data.num_classes,
-             t_cfg.max_epochs, engine.device, setup.describe_step(), threads.train, threads.eval)
+    log_start(cfg, setup)
+    schedule, stopping = schedule_of(cfg, engine.steps_per_epoch), early_stopping_of(t_cfg, has_val)
 
     observers = observers or Observers()
     observers.steps_per_epoch = engine.steps_per_epoch
@@ -77,8 +109,9 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             observers.on_step(progress.epoch, step, running_loss())
 
     def evaluate_on(x: torch.Tensor, y: torch.Tensor) -> EvalResult:
-        with cpu_settings(threads.eval, threads.eval_onednn):
-            return evaluate(model, x, y, t_cfg.eval_batch_size, data.num_classes, data.normalize)
+        with cpu_settings(threads.eval, threads.eval_onednn), weights_to_use(setup):
+            return evaluate(model, x, y, t_cfg.eval_batch_size, data.num_classes, data.normalize,
+                            tta=t_cfg.get("tta", "none"), options=setup.options)
 
     def save_checkpoint(epochs_done: int, step: int = 0, order_state=None, result=None, seconds: float = 0.0):
         """A non-zero step marks a stop inside epoch epochs_done + 1."""
@@ -89,11 +122,15 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
         Checkpoint(epoch=epochs_done, step=step, model=cpu_state(model), optimizer=setup.optimizer.state_dict(),
                    rng=rng, metrics=list(rows), partial=partial, best_model=best_model,
                    step_plan=setup.step_plan.as_record() if setup.step_plan is not None else None,
-                   config=OmegaConf.to_container(cfg, resolve=True)).save(run_dir)
+                   config=OmegaConf.to_container(cfg, resolve=True),
+                   ema=setup.ema.state_dict() if setup.ema is not None else None).save(run_dir)
 
-    final_eval = None
+    final_eval, stopped_at = None, None
     for epoch in range(at.epoch, t_cfg.max_epochs + 1):
-        lr = learning_rate(cfg.optim.lr, t_cfg.lr_schedule, epoch, t_cfg.max_epochs)
+        if stopping is not None and stopping.should_stop(rows):  # also a resumed run that had stopped
+            stopped_at = log_early_stop(stopping, rows)
+            break
+        lr = schedule.at(epoch)
         setup.optimizer.set_lr(lr)
         order_state = data_order.get_state()  # so a mid-epoch stop can redraw this permutation
         perm = torch.randperm(n_train, generator=data_order)
@@ -106,16 +143,12 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
                 data.train_x, data.train_y, perm, start_step=first_step,
                 prior_logits=carried["logits"] if carried else None,
                 should_stop=lambda: stop_requested() is not None,
-                on_progress=on_progress, progress_every=progress.every)
+                on_progress=on_progress, progress_every=progress.every, **epoch_hooks(setup, schedule, epoch,
+                                                                                     int(t_cfg.seed)))
         train_seconds = time.perf_counter() - t0
         progress.close()
 
-        if result.first_bad_step is not None:
-            raise TrainingDiverged(
-                f"The training loss became NaN or infinite at epoch {epoch}, step {result.first_bad_step + 1} "
-                f"(optim.lr={cfg.optim.lr}). Metrics of the {len(rows)} completed epoch(s) are kept. "
-                "Try a lower learning rate, e.g. optim.lr=" + f"{cfg.optim.lr / 10:g}."
-            )
+        check_finite(result, epoch, len(rows), float(cfg.optim.lr))
         signum = stop_requested()
         if signum is not None and result.steps < engine.steps_per_epoch:
             if t_cfg.checkpoint:
@@ -123,30 +156,84 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
             raise Interrupted(signum, epoch, result.steps, checkpointed=t_cfg.checkpoint)
 
         final_eval = evaluate_on(data.test_x, data.test_y)
-        row = {"epoch": epoch, "train_loss": result.loss_sum / engine.steps_per_epoch,
-               "train_acc": result.correct / n_train}
-        if has_val:
-            val_eval = evaluate_on(data.val_x, data.val_y)
-            row.update(val_loss=val_eval.loss, val_acc=val_eval.accuracy)
-        row |= {"test_loss": final_eval.loss, "test_acc": final_eval.accuracy, "lr": lr,
-                "epoch_seconds": round(time.perf_counter() - t0, 3),
+        evals = {"test": final_eval, **({"val": evaluate_on(data.val_x, data.val_y)} if has_val else {})}
+        row = epoch_row(epoch, result, n_train, engine.steps_per_epoch, evals)
+        row |= {"lr": lr, "epoch_seconds": round(time.perf_counter() - t0, 3),
                 "train_samples_per_s": round(result.samples / max(train_seconds, 1e-9), 1)}
         rows.append(row)
         if has_val and selected_row(rows) is row:  # a new best on the validation split
-            best_model = cpu_state(model)
+            with weights_to_use(setup):
+                best_model = cpu_state(model)
             atomic_torch_save(best_model, run_dir / BEST_MODEL_FILE)
         if t_cfg.checkpoint:
             save_checkpoint(epoch)
         metrics.append(row)
-        val_text = f"  val_acc {row['val_acc']:.4f}" if has_val else ""
-        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f%s  test_loss %.4f  test_acc %.4f  (%.1f s)",
-                 epoch, t_cfg.max_epochs, row["train_loss"], row["train_acc"], val_text, row["test_loss"],
-                 row["test_acc"], row["epoch_seconds"])
+        log_epoch(row, t_cfg.max_epochs)
         observers.on_epoch(row)
         if signum is not None:
             raise Interrupted(signum, epoch, engine.steps_per_epoch, checkpointed=t_cfg.checkpoint)
 
     if final_eval is None:  # resumed a run whose epochs were all done
         final_eval = evaluate_on(data.test_x, data.test_y)
-    write_final_outputs(run_dir, model, data, final_eval)
-    return RunResult(rows=rows, final_eval=final_eval)
+    with weights_to_use(setup):
+        write_final_outputs(run_dir, model, data, final_eval)
+    return RunResult(rows=rows, final_eval=final_eval, record_fields=stop_record(stopping, stopped_at, rows))
+
+
+def log_start(cfg: DictConfig, setup: Setup) -> None:
+    data, engine, threads, t_cfg = setup.data, setup.engine, setup.threads, cfg.trainer
+    has_val = data.val_x is not None
+    log.info("Training %s on %s (%d train / %s%d test images, %d classes) for %d epochs on %s "
+             "(%s; threads: %d train, %d eval)", cfg.model._target_.rsplit(".", 1)[-1], cfg.data.name,
+             data.train_x.shape[0], f"{data.val_x.shape[0]} validation / " if has_val else "", data.test_x.shape[0],
+             data.num_classes, t_cfg.max_epochs, engine.device, setup.describe_step(), threads.train, threads.eval)
+
+
+def epoch_hooks(setup: Setup, schedule: Schedule, epoch: int, seed: int) -> dict:
+    """The options an epoch's steps take beyond the original loop: augmentation
+    of the epoch's images, a rate per step, the weight average after each step."""
+    hooks = {}
+    if setup.augment.active:
+        hooks["augment"] = lambda images: setup.augment(images, seed, epoch)
+    if schedule.per_step:
+        hooks["lr_at"] = lambda step: schedule.at(epoch, step)
+    if setup.ema is not None:
+        hooks["after_step"] = setup.ema.update
+    return hooks
+
+
+def weights_to_use(setup: Setup):
+    """The weights evaluated and saved: the weight average when there is one."""
+    return setup.ema.swapped_in() if setup.ema is not None else contextlib.nullcontext()
+
+
+def stop_record(stopping: EarlyStopping | None, stopped_at: int | None, rows: list[dict]) -> dict | None:
+    if stopping is None:
+        return None
+    return {"early_stopping": {"monitor": stopping.monitor, "patience": stopping.patience,
+                               "min_delta": stopping.min_delta, "stopped_at_epoch": stopped_at,
+                               "best_epoch": stopping.best_epoch(rows)}}
+
+
+def check_finite(result, epoch: int, completed: int, lr: float) -> None:
+    if result.first_bad_step is not None:
+        raise TrainingDiverged(
+            f"The training loss became NaN or infinite at epoch {epoch}, step {result.first_bad_step + 1} "
+            f"(optim.lr={lr}). Metrics of the {completed} completed epoch(s) are kept. "
+            "Try a lower learning rate, e.g. optim.lr=" + f"{lr / 10:g}."
+        )
+
+
+def log_epoch(row: dict, max_epochs: int) -> None:
+    val_text = f"  val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+    log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f%s  test_loss %.4f  test_acc %.4f  (%.1f s)",
+             row["epoch"], max_epochs, row["train_loss"], row["train_acc"], val_text, row["test_loss"],
+             row["test_acc"], row["epoch_seconds"])
+
+
+def log_early_stop(stopping: EarlyStopping, rows: list[dict]) -> int:
+    """Say why the run ends early; the last epoch trained."""
+    last = int(rows[-1]["epoch"])
+    log.info("Early stopping after epoch %d: %s has not improved by more than %g since epoch %d.",
+             last, stopping.monitor, stopping.min_delta, stopping.best_epoch(rows))
+    return last

@@ -8,13 +8,20 @@ done), which config keys the command line may change on a resume (the
 schema marks them), and how run.json and cnnexp.log continue.
 
 checkpoints/last.pt is written atomically (temp file, fsync, rename): a kill
-or a full disk during the write leaves the previous checkpoint intact.
+or a full disk during the write leaves the previous checkpoint intact. It
+holds tensors and plain values only (random states included), so it is read
+with torch's weights-only unpickler: a shared run directory whose checkpoint
+would run code when unpickled is refused (safeio.load_tensors).
+
+One process at a time writes into a run directory (`claim_run_dir`), and a
+new run never starts in a directory that already holds one's results.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,17 +30,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.config.schema import resumable_keys
-from cnnexp.errors import ConfigError
-from cnnexp.results.files import CHECKPOINT_NAME, LOG_FILE
+from cnnexp.errors import CnnexpError, ConfigError
+from cnnexp.results.files import CHECKPOINT_NAME, LOG_FILE, METRICS_FILE, RUN_RECORD
 from cnnexp.results.record import RunRecord, read_record
-from cnnexp.safeio import LogFileHandler, atomic_torch_save
+from cnnexp.safeio import DirLock, LogFileHandler, atomic_torch_save, load_tensors
 
 log = logging.getLogger("cnnexp")
-CHECKPOINT_FORMAT = 1
+# 2: random states as tensors and plain values (1 held numpy's state tuple, which
+# still loads: numpy arrays are allow-listed in safeio.load_tensors).
+CHECKPOINT_FORMAT = 2
+PLAIN_TYPES = (int, float, str, bool, type(None))
 
 
 class SweepDirTaken(ConfigError):
     """A re-run sweep whose job directory holds a different job."""
+
+
+class RunDirTaken(ConfigError):
+    """A run directory that holds another run's results, or that another process is writing into."""
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -51,27 +65,47 @@ class Checkpoint:
     partial: dict | None = None  # the interrupted epoch's recorded logits and seconds
     best_model: dict | None = None  # the selected epoch's weights, to restore model_best.pt
     step_plan: dict | None = None  # the CPU step, so a resumed run steps alike
+    ema: dict | None = None  # the weight average (trainer.ema_decay)
     format: int = CHECKPOINT_FORMAT
 
     def save(self, run_dir: Path) -> None:
-        atomic_torch_save(asdict(self), Path(run_dir) / CHECKPOINT_NAME)
+        state = asdict(self)
+        _check_plain(state, "Checkpoint")  # what weights-only loading can read back
+        atomic_torch_save(state, Path(run_dir) / CHECKPOINT_NAME)
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
         try:
-            # The checkpoint holds RNG states and plain Python objects; it is cnnexp's own file.
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_tensors(path)  # never runs code a shared checkpoint may carry
+        except CnnexpError as err:
+            raise ConfigError(f"trainer.resume: {err}") from None
         except Exception as err:
             raise ConfigError(f"trainer.resume: {path} cannot be read ({err}); it may be truncated.") from None
+        if not isinstance(state, dict) or "model" not in state:
+            raise ConfigError(f"trainer.resume: {path} is not a cnnexp checkpoint (no model state in it).")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in state.items() if k in known})
 
 
+def _check_plain(value, where: str) -> None:
+    """A checkpoint holds tensors, plain values and containers of them only."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, (torch.Tensor, *PLAIN_TYPES)):
+        raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint holds tensors and plain values only "
+                        "(convert it on save and back on restore, as the random states are)")
+
+
 def rng_states(data_generator: torch.Generator) -> dict:
+    """Every random state, as tensors and plain values."""
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": _numpy_state_plain(np.random.get_state()),
+        "python": random.getstate(),  # (version, tuple of ints, None or a float)
         "data_order": data_generator.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -79,10 +113,24 @@ def rng_states(data_generator: torch.Generator) -> dict:
     return states
 
 
+def _numpy_state_plain(state: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_tuple(state) -> tuple:
+    if not isinstance(state, dict):  # a format-1 checkpoint: numpy's own tuple
+        return tuple(state)
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]
+
+
 def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    np.random.set_state(_numpy_state_tuple(states["numpy"]))
+    python = states["python"]  # tuples may come back as lists
+    random.setstate((python[0], tuple(python[1]), python[2]))
     data_generator.set_state(states["data_order"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -144,26 +192,92 @@ class Start:
 
 def plan_start(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> Start:
     """trainer.resume names the run to continue; a sweep job whose directory
-    holds a run picks up from it (or skips it when it completed)."""
+    holds a run picks up from it (or skips it when it completed); a plain run
+    starts only in a directory without another run's results."""
     if cfg.trainer.resume:
         path = find_checkpoint(str(cfg.trainer.resume))
         return Start(run_dir=path.parent.parent, checkpoint=Checkpoint.load(path))
     if not multirun:
+        refuse_if_taken(run_dir)
         return Start(run_dir)
     record = read_record(run_dir)
     if record is None:
         return Start(run_dir)
-    if record.get("overrides") is not None and record["overrides"] != overrides:
-        raise SweepDirTaken(
-            f"{run_dir} holds a job run with overrides {record['overrides']}, not {overrides}; "
-            "a resumed sweep must repeat the same sweep command, or use a new hydra.sweep.dir."
-        )
+    conflict = job_dir_conflict(run_dir, overrides)
+    if conflict:
+        raise SweepDirTaken(conflict)
     if record.get("status") == "completed":
         return Start(run_dir, done=True)
     if cfg.trainer.checkpoint and checkpoint_path(run_dir).is_file():  # never continue from a stale one
         log.info("Continuing %s from its last checkpoint", run_dir)
         return Start(run_dir, checkpoint=Checkpoint.load(checkpoint_path(run_dir)))
     return Start(run_dir)
+
+
+# ---------------------------------------------------------------- who may write into a run dir
+# The rule, for every way two commands can meet in one directory:
+# - one process at a time writes into a run directory: a run (or resume, or
+#   sweep job) takes its lock for its lifetime; a second one is refused;
+# - a new plain run never starts where a run's results are (run.json,
+#   metrics.csv, a checkpoint): it is refused, naming trainer.resume to continue;
+# - a re-run sweep continues its own jobs and is refused, before anything is
+#   written, when a job directory holds a job with other overrides.
+RESULT_FILES = (RUN_RECORD, METRICS_FILE, CHECKPOINT_NAME)
+_held: dict[str, DirLock] = {}
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Hold the lock on run_dir until release_run_dir or the end of the process;
+    RunDirTaken when another process holds it."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(run_dir)
+    if not lock.acquire():
+        raise RunDirTaken(f"Another cnnexp process is writing into {run_dir}; wait for it to end, or write "
+                          "elsewhere with hydra.run.dir=PATH (hydra.sweep.dir=PATH for -m).")
+    _held[key] = lock
+
+
+def release_run_dir(run_dir: Path) -> None:
+    lock = _held.pop(str(Path(run_dir).resolve()), None)
+    if lock is not None:
+        lock.release()
+
+
+def refuse_if_taken(run_dir: Path) -> None:
+    """A fresh run must not write over the results of one that ran here before."""
+    found = [name for name in RESULT_FILES if (Path(run_dir) / name).exists()]
+    if not found:
+        return
+    status = (read_record(run_dir) or {}).get("status")
+    held = f"a run ({status})" if status else f"a run's results ({', '.join(found)})"
+    go_on = (f"continue it with {override_text('trainer.resume', run_dir)}, "
+             if (Path(run_dir) / CHECKPOINT_NAME).is_file() and status != "completed" else "")
+    raise RunDirTaken(f"{run_dir} already holds {held}; results are never overwritten: {go_on}choose another "
+                      "hydra.run.dir (or leave it out for a new dated directory), or delete it first.")
+
+
+def job_dir_conflict(run_dir: Path, overrides: list[str]) -> str | None:
+    """Why a sweep job with `overrides` cannot use run_dir (another job's results are there), or None."""
+    record = read_record(run_dir)
+    if not record or record.get("overrides") is None or list(record["overrides"]) == list(overrides):
+        return None
+    return (f"{run_dir} holds a job run with overrides {record['overrides']}, not {overrides}; "
+            "a resumed sweep must repeat the same sweep command, or use a new hydra.sweep.dir.")
+
+
+def override_text(key: str, path) -> str:
+    """`key=path` as one shell word that Hydra reads back as exactly `path`:
+    a path with spaces, commas (a sweep to Hydra), quotes or $ is quoted for
+    Hydra and then for the shell, so the printed hint can be pasted."""
+    text = str(path)
+    if re.fullmatch(r"[\w@%+:./-]+", text):
+        return f"{key}={text}"
+    word = f"{key}='" + text.replace("'", "\\'") + "'"
+    return '"' + re.sub(r'(["$`\\])', r"\\\1", word) + '"'  # in double quotes only these are special
 
 
 def config_for_resume(saved: dict, current: DictConfig, explicit_overrides: list[str]) -> DictConfig:

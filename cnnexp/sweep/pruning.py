@@ -2,12 +2,14 @@
 stop when the study's pruner says so.
 
 The Optuna sweeper (hydra_plugins/cnnexp_optuna_sweeper) runs each trial as
-an ordinary cnnexp job, possibly in another process or on another machine.
-It tells the job which trial it is through one environment variable that
-Hydra sets for that job alone (hydra.job.env_set), so a normal run never sees
+an ordinary cnnexp job, in a search worker's process (this machine's or a
+SLURM job's). The worker tells the job which trial it is through one
+environment variable, set while that job runs, so a normal run never sees
 any of this and a trial's config is exactly the config a user would re-run.
-Reports go through the study's storage (SQLite in the sweep dir, or a
-database server), which is what lets a joblib or SLURM job be pruned.
+Reports go through the study's storage (sweep/storage.py: SQLite or a
+journal file in the sweep dir, or a database server), which is what lets a
+trial on another process or node be pruned.
+The last epoch is never pruned: a trial that ran it is complete.
 """
 
 from __future__ import annotations
@@ -20,16 +22,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cnnexp.errors import ConfigError
 from cnnexp.observers import RunObserver, StopRun
 from cnnexp.results import objective
+from cnnexp.sweep.storage import open_storage, require_optuna
 
 log = logging.getLogger("cnnexp")
 
 TRIAL_ENV = "CNNEXP_SEARCH_TRIAL"
 PRUNER_ATTR = "cnnexp.pruner"  # study user attribute: how trials are pruned
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
-SEARCH_EXTRA = "pip install 'cnnexp[search]'"
 
 
 @dataclass(frozen=True)
@@ -48,24 +49,6 @@ class TrialLink:
     def from_env(cls, environ=os.environ) -> TrialLink | None:
         text = environ.get(TRIAL_ENV)
         return cls(**json.loads(text)) if text else None
-
-
-def require_optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError(f"A search needs the optuna package, which is not installed: {SEARCH_EXTRA}") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnexp logs what matters itself
-    return optuna
-
-
-def open_storage(url: str):
-    """The study storage for `url`. SQLite waits for a lock instead of failing
-    at once, since parallel trials and the sweeper write to one file."""
-    optuna = require_optuna()
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
 
 
 def build_pruner(spec: dict):
@@ -108,9 +91,10 @@ class PruningReporter(RunObserver):
         study = optuna.load_study(study_name=self.link.study, storage=storage, pruner=build_pruner(pruner_spec))
         self.trial = optuna.trial.Trial(study, self.link.trial_id)
         self.objective = objective.from_config(cfg)
+        self.max_epochs = int(cfg.trainer.max_epochs)
         self.rows = list(rows)
         self.trial.set_user_attr("run_dir", str(Path(run_dir).resolve()))
-        reported = study._storage.get_trial(self.link.trial_id).intermediate_values
+        reported = storage.get_trial(self.link.trial_id).intermediate_values
         for i in range(len(self.rows)):  # a resumed trial: epochs it ran before the stop
             if self.rows[i]["epoch"] not in reported:
                 self.trial.report(objective.epoch_value(self.objective, self.rows[: i + 1]), self.rows[i]["epoch"])
@@ -119,7 +103,7 @@ class PruningReporter(RunObserver):
         self.rows.append(row)
         value = objective.epoch_value(self.objective, self.rows)
         self.trial.report(value, row["epoch"])
-        if self.trial.should_prune():
+        if row["epoch"] < self.max_epochs and self.trial.should_prune():
             raise StopRun("pruned", f"pruned by the search after epoch {row['epoch']} "
                                     f"({self.objective} {value:.4g} so far)")
 

@@ -40,7 +40,10 @@ def check_cluster(launcher: Any) -> None:
     try:
         listed = _slurm(["sinfo", "--noheader", "--format=%P"], "`sinfo`").split()
     except ConfigError as err:
-        raise ConfigError(f"{err} Is the SLURM controller (slurmctld) up?") from None
+        said = str(err)
+        if "slurmctld" not in said:  # the time-out message asks this already
+            said += " Is the SLURM controller (slurmctld) up?"
+        raise ConfigError(said) from None
     names = [p.rstrip("*") for p in listed]
     if partition is None and not any(p.endswith("*") for p in listed):
         raise ConfigError("hydra/launcher=slurm: the cluster has no default partition; choose one with "

@@ -12,24 +12,32 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.errors import CnnexpError, ConfigError
-from cnnexp.figures import render_sweep
 from cnnexp.results.files import SEARCH_FILE, SUMMARY_FILE
 from cnnexp.safeio import atomic_path
-from cnnexp.sweep.search import write_search_summary
-from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line, summarise
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("cnnexp")
 
+# Hydra builds this callback at the start of every command, plain runs included:
+# pandas, the figures, Optuna and the search summary are imported where a summary
+# is written, so a command that writes none never pays for them.
+
 
 def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
+    from cnnexp.sweep.table import summarise
+
     sweep_dir = Path(sweep_dir)
     if (sweep_dir / SEARCH_FILE).is_file():  # an Optuna search: one row per trial (cnnexp/search.py)
+        from cnnexp.sweep.search import write_search_summary
+
         try:
             return write_search_summary(sweep_dir, plots=plots)
         except ConfigError as err:  # optuna missing here: the plain job summary still helps
@@ -38,6 +46,8 @@ def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
     with atomic_path(sweep_dir / SUMMARY_FILE) as tmp:  # parallel jobs each write whole files: last one wins
         table.to_csv(tmp, index=False)
     if plots and curves:
+        from cnnexp.figures import render_sweep
+
         try:
             render_sweep(sweep_dir, curves, groups)
         except Exception as err:  # figures are a view of summary.csv; never lose the summary over them
@@ -61,11 +71,14 @@ class SweepSummaryCallback(Callback):
             log.warning("Could not update the sweep summary: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
+        if not sweep_dir.is_dir() or (sweep_dir / SEARCH_FILE).is_file():
+            return  # an Optuna search: its sweeper has summarised, plotted and reported it
+        plots = OmegaConf.select(config, "trainer.plots", default="all") != "none"
         try:
-            table = write_summary(sweep_dir, plots=True)
+            table = write_summary(sweep_dir, plots=plots)
         except CnnexpError as err:  # summary.csv does not fit on the disk
             print(f"cnnexp: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None

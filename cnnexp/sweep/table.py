@@ -123,7 +123,9 @@ def summarise(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], d
     for job_dir, ov in zip(dirs, overrides):
         row, metrics = _job_row(job_dir)
         label = " ".join(f"{k}={ov.get(k, '')}" for k in keys) or f"job {job_dir.name}"
-        rows.append({"job": int(job_dir.name), **{k: ov.get(k, "") for k in keys}, **row})
+        named = read_record(job_dir) or {}  # the job's name= and tags= (run.json)
+        rows.append({"job": int(job_dir.name), **{k: ov.get(k, "") for k in keys}, **row,
+                     "name": named.get("name", ""), "tags": ",".join(named.get("tags") or [])})
         labels.append(label)
         if metrics is not None:
             curves[label] = metrics
@@ -159,11 +161,18 @@ def rank_by(table: pd.DataFrame, column: str, after: int) -> None:
     table.insert(after + 1, "ranked_by", column)
 
 
+def ranked_first(table: pd.DataFrame) -> pd.Series | None:
+    """The job ranked first (the first of equals), when the jobs have a split; else None."""
+    if "ranked_by" not in table or not (table["rank"] == 1).any():
+        return None
+    return table[table["rank"] == 1].iloc[0]
+
+
 def best_by_validation_line(table: pd.DataFrame) -> str | None:
     """The job ranked first, with the test accuracy to report, when the jobs have a split."""
-    if "rank" not in table or not (table["rank"] == 1).any():
+    best = ranked_first(table)
+    if best is None:
         return None
-    best = table[table["rank"] == 1].iloc[0]
     return (f"Best by {best['ranked_by']}: job {best['job']} ({best['run_dir']}), validation accuracy "
             f"{best['best_val_acc']:.4f} at epoch {best['best_epoch']}, test accuracy there {best['test_acc_at_best']:.4f}")
 
@@ -176,10 +185,21 @@ def failed_jobs_line(table: pd.DataFrame) -> str | None:
     if not len(table):
         return None
     unit = "trial" if "trial" in table else "job"  # a search's summary has one row per trial
-    started = table[table["status"].fillna("") != ""] if unit == "trial" else table  # not queued ones
-    bad = started[~started["status"].isin(ENDED_WELL)]
+    if "state" in table:  # a search: the study's state says how each trial ended
+        table = table[table["state"] != "waiting"].sort_values("trial")  # enqueued, never started
+        bad = table[table["state"].isin(["fail", "running"])]
+    else:
+        started = table[table["status"].fillna("") != ""] if unit == "trial" else table  # not queued ones
+        bad = started[~started["status"].isin(ENDED_WELL)]
     if not len(bad):
         return None
-    parts = [f"{unit} {getattr(r, unit)} {r.status}" + (f" ({r.error})" if isinstance(r.error, str) and r.error else "")
-             for r in bad.itertuples()]
+    parts = [f"{unit} {getattr(r, unit)} {_how_it_ended(r)}" for r in bad.itertuples()]
     return f"{len(bad)} of {len(table)} sweep {unit}s did not complete: " + "; ".join(parts)
+
+
+def _how_it_ended(row) -> str:
+    if getattr(row, "state", None) == "running":
+        return "did not finish (its process stopped first; run the same command again to continue it)"
+    status = row.status if isinstance(row.status, str) and row.status else "failed"
+    error = row.error if isinstance(row.error, str) and row.error else ""
+    return status + (f" ({error})" if error else "")

@@ -2,12 +2,15 @@
 
 The store is logger.tracking_uri, else $MLFLOW_TRACKING_URI, else
 sqlite:///<current dir>/mlflow.db (MLflow's own default file, made absolute so
-every job of a sweep writes to the same one). The run is named by its overrides;
-params are the flattened config; metrics are logged per epoch with the epoch as
-the step; tags name the status, device, versions and run dir; at the end the
-CSVs, the config and the plots (and model.pt with logger.log_model=true) become
-artifacts. A sweep's jobs are children of one parent run per sweep dir and carry
-its path as the tag cnnexp.sweep_dir.
+every job of a sweep writes to the same one); the end of every run says which
+store and run it went to. The run is named by `name=` (else by its overrides),
+each of `tags=[...]` is a tag and `notes=` its description; params are the
+flattened config; metrics are logged per epoch with the epoch as the step; tags
+name the status, device, versions, run dir and MLflow's standard source tags
+(command, git commit, user); at the end the CSVs, the config and the plots (and
+model.pt with logger.log_model=true) become artifacts. A sweep's jobs are
+children of one parent run per sweep dir, named by the sweep's `name=`, and
+carry its path as the tag cnnexp.sweep_dir.
 
 A tracking server that goes away must not hold the run up: unless the user set
 them, HTTP calls get a 10 s timeout and 2 quick retries, and the first failure
@@ -16,15 +19,18 @@ switches MLflow off for the rest of the run (see cnnexp/tracking/base.py).
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
 from omegaconf import DictConfig
 
 from cnnexp.results.files import (
@@ -43,7 +49,7 @@ try:
 except ImportError:  # Windows: no lock; start parallel jobs on a store that exists already
     fcntl = None
 from cnnexp.tracking.base import Tracker
-from cnnexp.tracking.names import flat_config, numeric_columns
+from cnnexp.tracking.names import flat_config, numeric_columns, sweep_identity
 
 log = logging.getLogger("cnnexp")
 
@@ -74,6 +80,7 @@ class MlflowTracker(Tracker):
         self.log_model, self.log_figures = logger_cfg.log_model, logger_cfg.log_figures
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.run_name = label
         self.present: set[int] = set()  # epochs the MLflow run already holds (a resumed run)
 
     def start(self, cfg: DictConfig, run_dir: Path, state: dict, steps_per_epoch: int | None,
@@ -86,6 +93,7 @@ class MlflowTracker(Tracker):
 
     def _open_run(self, cfg: DictConfig, run_dir: Path, state: dict) -> None:
         record = read_record(run_dir) or {}
+        self.run_name = record.get("name") or self.label
         if state.get("run_id") and state.get("tracking_uri") == self.tracking_uri:
             self.run_id = state["run_id"]  # a resumed run continues its MLflow run
             self.client.update_run(self.run_id, status="RUNNING")
@@ -93,21 +101,23 @@ class MlflowTracker(Tracker):
             self.present = {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
         else:
             experiment_id = self._experiment_id()
-            tags = {"cnnexp.run_dir": str(Path(run_dir).resolve()), "cnnexp.overrides": " ".join(record.get("overrides") or [])}
+            tags = {"cnnexp.run_dir": str(Path(run_dir).resolve()), "cnnexp.overrides": " ".join(record.get("overrides") or []),
+                    **identity_tags(record)}
             if self.sweep_dir is not None:
                 tags["cnnexp.sweep_dir"] = str(self.sweep_dir.resolve())
                 parent = self._parent_run(experiment_id)
                 if parent:
                     tags["mlflow.parentRunId"] = parent
                     self.client.update_run(parent, status="RUNNING")
-            run = self.client.create_run(experiment_id, run_name=self.label, tags=tags)
+            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             state.update(run_id=self.run_id, experiment_id=experiment_id, tracking_uri=self.tracking_uri,
                          experiment_name=self.experiment_name)
             self._log_params(cfg, skip=set())
         self._set_tags({"status": "running", "device": str(record.get("device", "")),
                         "device_name": str(record.get("device_name", "")),
-                        **{f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()}})
+                        **{f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()},
+                        **source_tags(record)})
 
     # ------------------------------------------------------------ per step / epoch
     def log_step(self, global_step: int, running_loss: float) -> None:
@@ -140,6 +150,10 @@ class MlflowTracker(Tracker):
         self._set_tags({"status": status})
         self.client.set_terminated(self.run_id, STATUS.get(status, "FINISHED"))
         self._end_parent()
+        # Which store a run went to is easy to lose (the default is mlflow.db in the current directory).
+        log.info("MLflow: run %r (id %s) is in experiment %r of the store %s; open it with: "
+                 "mlflow ui --backend-store-uri %s", self.run_name, self.run_id, self.experiment_name,
+                 self.tracking_uri, self.tracking_uri)
 
     # ------------------------------------------------------------ helpers
     def _set_tags(self, tags: dict[str, str]) -> None:
@@ -181,8 +195,10 @@ class MlflowTracker(Tracker):
         os.close(fd)
         run_id = None
         try:
-            run = self.client.create_run(experiment_id, run_name=f"sweep {'/'.join(self.sweep_dir.resolve().parts[-2:])}",
-                                         tags={"cnnexp.sweep_dir": str(self.sweep_dir.resolve())})
+            sweep = sweep_identity(self.sweep_dir)
+            run = self.client.create_run(experiment_id, run_name=sweep["name"],
+                                         tags={"cnnexp.sweep_dir": str(self.sweep_dir.resolve()),
+                                               **identity_tags(sweep)})
             run_id = run.info.run_id
         finally:
             write_text(path, json.dumps({**key, "run_id": run_id}) + "\n")  # no temp file left on failure
@@ -193,6 +209,33 @@ class MlflowTracker(Tracker):
         parent = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         if parent:
             self.client.set_terminated(parent, "FINISHED")
+
+
+def identity_tags(record: dict) -> dict[str, str]:
+    """A run's tags=[...] as MLflow tags (each its own key, to filter by: tags.baseline = 'true'),
+    all of them as cnnexp.tags, and notes= as the run's description."""
+    tags = [str(t) for t in record.get("tags") or []]
+    out = {**{re.sub(r"[^\w.\- /]", "_", t): "true" for t in tags}, "cnnexp.tags": ",".join(tags)}
+    if record.get("notes"):
+        out[mlflow_tags.MLFLOW_RUN_NOTE] = str(record["notes"])
+    return out
+
+
+def source_tags(record: dict) -> dict[str, str]:
+    """MLflow's standard source tags, from run.json's reproduction record (the command
+    line, and the commit of the working directory's repository)."""
+    reproduction = record.get("reproduction") or {}
+    repo = (reproduction.get("git") or {}).get("working_dir") or {}
+    tags = {mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL",
+            mlflow_tags.MLFLOW_SOURCE_NAME: reproduction.get("command_line") or str(record.get("command") or "cnnexp")}
+    try:
+        tags[mlflow_tags.MLFLOW_USER] = getpass.getuser()
+    except (KeyError, OSError):  # no user name in a container without a passwd entry
+        pass
+    if repo.get("commit"):
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = repo["commit"]
+        tags[mlflow_tags.MLFLOW_GIT_DIRTY] = str(bool(repo.get("dirty"))).lower()
+    return {k: v[:5000] for k, v in tags.items()}
 
 
 @contextmanager

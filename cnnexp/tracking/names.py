@@ -11,6 +11,35 @@ from omegaconf import DictConfig, OmegaConf
 from cnnexp.results.files import MULTIRUN_FILE, SEARCH_FILE
 
 MAX_LABEL = 200  # a directory name must stay under the file system's 255 bytes
+IDENTITY_KEYS = ("name", "tags", "notes")  # what a user calls a run; not part of what it trains
+
+
+def run_identity(cfg: DictConfig, overrides: list[str], sweep_dir: Path | None = None) -> dict:
+    """name, tags and notes of a run, as run.json, summaries and trackers show them.
+
+    The name is `name=...`, else the run's label (its overrides, run_label). In
+    a sweep that gives one `name=` to every job, that is the sweep's name, and a
+    job is `<name>/<its label>`; a swept name (`name=a,b`) names each job itself."""
+    label = run_label(overrides, sweep_dir)
+    given = cfg.get("name")
+    if not given:
+        name = label
+    elif sweep_dir is not None and sweep_identity(sweep_dir)["name"] == given:
+        name = f"{given}/{label}"
+    else:
+        name = str(given)
+    return {"name": name, "tags": [str(t) for t in cfg.get("tags") or []], "notes": str(cfg.get("notes") or "")}
+
+
+def sweep_identity(sweep_dir: Path) -> dict:
+    """The sweep's own name, tags and notes (those its command gives every job, as
+    multirun.yaml holds them); the name defaults to the sweep dir's last two parts."""
+    try:
+        saved = yaml.safe_load((Path(sweep_dir) / MULTIRUN_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    return {"name": saved.get("name") or "sweep " + "/".join(Path(sweep_dir).resolve().parts[-2:]),
+            "tags": [str(t) for t in saved.get("tags") or []], "notes": str(saved.get("notes") or "")}
 
 
 def run_label(overrides: list[str], sweep_dir: Path | None = None) -> str:
@@ -19,8 +48,9 @@ def run_label(overrides: list[str], sweep_dir: Path | None = None) -> str:
     In a sweep, overrides every job shares (those the sweep command gave one
     value) would repeat in each name, so a job is named by the rest: the swept
     values, or what a search sampled. A run without overrides is `defaults`."""
-    # Hydra's own keys and the choice of trackers say nothing about the run itself.
-    pairs = [o for o in overrides if _key(o).split(".")[0] not in ("hydra", "logger")]
+    # Hydra's own keys, the choice of trackers and the run's own name, tags and notes
+    # say nothing about what the run trains.
+    pairs = [o for o in overrides if _key(o).split(".")[0] not in ("hydra", "logger", *IDENTITY_KEYS)]
     if sweep_dir is not None:
         searched = _searched_keys(sweep_dir)
         if searched:

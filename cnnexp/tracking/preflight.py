@@ -13,11 +13,13 @@ import sys
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cnnexp.tracking import missing_package
-
 
 class TrackerPackageCheck(Callback):
+    """Hydra builds it for every command; it imports nothing until a sweep starts."""
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from cnnexp.tracking import missing_package
+
         logger = config.get("logger")
         if logger is None:
             return

@@ -1,14 +1,17 @@
 """TensorBoard: event files in <run dir>/tensorboard/<run label>/.
 
 Per-epoch scalars with the epoch as the step (train/loss, test/acc, val/...,
-lr, ...), the running training loss on the run-wide step axis, the config as
-hparams (the HParams tab compares a sweep's jobs on their last values), and the
-final figures as images. `tensorboard --logdir multirun/<date>/<time>` shows a
-sweep's jobs side by side, each named by its job number and swept values.
+lr, ...), the running training loss on the run-wide step axis, the run's name,
+tags and the config as hparams (the HParams tab compares a sweep's jobs on their
+last values), its notes as text, and the final figures as images.
+`tensorboard --logdir multirun/<date>/<time>` shows a sweep's jobs side by side,
+each named by its job number and swept values.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,11 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from cnnexp.results.record import read_record
 from cnnexp.tracking.base import Tracker
 from cnnexp.tracking.names import flat_config, numeric_columns
+
+log = logging.getLogger("cnnexp")
 
 SPLITS = ("train", "val", "test")
 # Shown in the HParams tab as each job's latest value.
@@ -46,19 +52,25 @@ class TensorBoardTracker(Tracker):
         self.present = logged_epochs(log_dir) if state.get("started") else set()
         # A resumed run retrains from the checkpoint: drop the step points logged after it.
         purge = epochs_done * steps_per_epoch + 1 if state.get("started") and steps_per_epoch else None
+        quiet_writer_thread_errors()
         self.writer = SummaryWriter(str(log_dir), purge_step=purge, flush_secs=10)
         if not state.get("hparams"):
-            self._write_hparams(cfg)
+            self._write_hparams(cfg, read_record(run_dir) or {})
             state["hparams"] = True
         state["started"] = True
         self.writer.flush()
 
-    def _write_hparams(self, cfg: DictConfig) -> None:
+    def _write_hparams(self, cfg: DictConfig, record: dict) -> None:
         params = flat_config(cfg)
         params.pop("trainer.resume", None)
-        # The keys that name the run come first: the HParams tab shows the first few columns.
+        # The run's name and tags as run.json has them (the name derived when none was given).
+        identity = {"name": str(record.get("name") or self.label), "tags": ",".join(record.get("tags") or [])}
+        # Those and the keys that name the run come first: the HParams tab shows the first few columns.
         named = [pair.partition("=")[0].lstrip("+~") for pair in self.label.split(",")]
-        params = {**{k: params[k] for k in named if k in params}, **params}
+        params = {**identity, **{k: params[k] for k in named if k in params},
+                  **{k: v for k, v in params.items() if k not in identity}}
+        if record.get("notes"):
+            self.writer.add_text("notes", str(record["notes"]), 0)
         metrics = {tag: 0.0 for tag in HPARAM_METRICS}  # only the names are written here
         file_writer = self.writer._get_file_writer()
         for summary in hparams(params, metrics):
@@ -87,6 +99,29 @@ class TensorBoardTracker(Tracker):
             self.writer.add_text("status", status, self.last_epoch)
         finally:
             self.writer.close()
+        log.info("TensorBoard: event files in %s; open them with: tensorboard --logdir %s",
+                 self.writer.log_dir, Path(self.writer.log_dir).parent)
+
+
+def quiet_writer_thread_errors() -> None:
+    """TensorBoard's writer thread re-raises a failed write (a log dir become
+    read-only or full), which Python prints as a thread traceback. The same
+    error reaches the tracker on its next call, which switches TensorBoard off
+    with one warning, so the thread's copy is not printed."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another tensorboard layout: keep Python's default
+        return
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, Exception)):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def logged_epochs(log_dir: Path) -> set[int]:

@@ -1,56 +1,65 @@
-"""The search loop: check everything, then ask n_jobs trials, launch them as
-one batch through the configured launcher, tell the study how each ended.
+"""The search: check everything, open the study, then let n_jobs workers take
+trials from it until it holds n_trials (Optuna's distributed pattern, _worker.py).
 
 Each trial is an ordinary cnnexp job in `<sweep dir>/<trial number>/`, so the
 job directories of a continued study never collide with earlier ones, and a
-trial's own run.json says how it ended (completed, pruned, failed). The job
-learns which trial it is from one environment variable (cnnexp/sweep/pruning.py).
+trial's own run.json says how it ended (completed, pruned, failed). Where the
+workers run follows hydra/launcher: in this process (one worker), in worker
+processes on this machine (basic or joblib with n_jobs > 1), or as n_jobs
+SLURM jobs (hydra/launcher=slurm, or Hydra's submitit launchers).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobStatus
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.cpu import parallel_jobs_of
-from cnnexp.errors import ConfigError
+from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.results import objective as objectives
-from cnnexp.results.files import METRICS_FILE
-from cnnexp.results.record import read_record
 from cnnexp.sweep import search as results
-from cnnexp.sweep.pruning import (
-    PRUNER_ATTR,
-    PRUNERS,
-    TRIAL_ENV,
-    TrialLink,
-    build_pruner,
-    open_storage,
-    require_optuna,
+from cnnexp.sweep import storage as stores
+from cnnexp.sweep.pruning import PRUNER_ATTR, PRUNERS, build_pruner
+from cnnexp.sweep.storage import masked, require_optuna
+from cnnexp.sweep.table import failed_jobs_line
+
+from ._space import (
+    SearchSpace,
+    SearchSpaceError,
+    contains,
+    describe,
+    differences,
+    params_from_config,
+    parse,
+)
+from ._worker import (
+    SAMPLERS,
+    WORKER_ATTR,
+    HydraTrialRunner,
+    StudySpec,
+    Worker,
+    build_sampler,
+    settle,
 )
 
-from ._space import SearchSpace, SearchSpaceError, format_value, params_from_config, parse
-
 log = logging.getLogger("cnnexp")
-SAMPLERS = ("tpe", "random", "cmaes", "grid")
+OBJECTIVE_ATTR = "cnnexp.objective"
 
 
 @dataclass
 class Search:
     sweeper: Any
     study: Any
-    space: SearchSpace
-    sweep_dir: Path
-    storage_url: str
-    objective: str
-    n_trials: int
+    spec: StudySpec
     n_jobs: int
-    grid_size: int | None
 
     # ------------------------------------------------------------ checks
     @classmethod
@@ -79,15 +88,15 @@ class Search:
                               "'optim.lr=tag(log, interval(1e-4, 1e-1))' or 'data.batch_size=choice(4, 16, 64)' "
                               "(on the command line or under hydra.sweeper.params).")
         _check_composes(sweeper, space)
+        enqueued = [_enqueued_params(entry, space) for entry in s["enqueue"] or []]
 
-        grid_size = None
+        limit = int(s["n_trials"])
         if s["sampler"] == "grid":
             try:
                 grid = space.grid()
             except SearchSpaceError as err:
                 raise ConfigError(str(err)) from None
-            grid_size = math.prod(len(v) for v in grid.values())
-        sampler = _sampler(optuna, s, space)
+            limit = min(limit, math.prod(len(v) for v in grid.values()))
         max_epochs = int(config.trainer.max_epochs)
         pruner_spec = {"name": s["pruner"], "min_epochs": s["pruner_min_epochs"],
                        "startup_trials": s["pruner_startup_trials"], "max_epochs": max_epochs,
@@ -97,213 +106,182 @@ class Search:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"hydra.sweeper.pruner_options={s['pruner_options']} do not fit the "
                               f"{s['pruner']} pruner: {err}") from None
+        n_jobs = s["n_jobs"] or _launcher_jobs(config)
+        sampler = build_sampler(s, space, parallel=n_jobs > 1)
 
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        storage_url = stores.resolve(s["storage"], sweep_dir, cluster=_is_cluster(sweeper.launcher))
+        study_file = stores.local_file(storage_url)
+        if study_file is not None and study_file.parent != sweep_dir and not study_file.parent.is_dir():
+            raise ConfigError(f"hydra.sweeper.storage={masked(storage_url)!r} cannot be opened: the folder "
+                              f"{study_file.parent} does not exist.")
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage_url = s["storage"] or results.default_storage(sweep_dir)
         study = _open_study(optuna, storage_url, s["study_name"], sampler, pruner, objectives.direction(name))
-        existing = len(study.get_trials(deepcopy=False))
-        if existing and s["seed"] is not None:  # a continued study: new draws, still reproducible
-            study.sampler = _sampler(optuna, s, space, seed_offset=existing)
+        _check_same_question(study, space, name, bool(s.get("extend")), storage_url)
         study.set_user_attr(PRUNER_ATTR, pruner_spec)  # the jobs build their pruner from this
-        study.set_user_attr("cnnexp.objective", name)
-        for entry in s["enqueue"] or []:
-            study.enqueue_trial(_enqueued_params(entry, space), skip_if_exists=True)
-        results.write_marker(sweep_dir, storage=s["storage"], study_name=s["study_name"], objective=name,
+        study.set_user_attr(OBJECTIVE_ATTR, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental in some Optuna versions
+            study.set_metric_names([name])  # optuna-dashboard labels the objective with it
+        for params in enqueued:
+            study.enqueue_trial(params, skip_if_exists=True)
+        results.write_marker(sweep_dir, storage_url, study_name=s["study_name"], objective=name,
                              direction=objectives.direction(name), sampler=s["sampler"], pruner=s["pruner"],
-                             max_epochs=max_epochs,
-                             params=dict(space.sources))
-        n_jobs = s["n_jobs"] or _launcher_jobs(config)
-        return cls(sweeper, study, space, sweep_dir, storage_url, name, int(s["n_trials"]), n_jobs, grid_size)
+                             max_epochs=max_epochs, n_jobs=n_jobs, params=dict(space.sources))
+        if not name.startswith(("best_val", "final_val")):
+            log.warning("The search's objective %s is not measured on a validation split, so the search tunes on "
+                        "what it reports; hold out images with data.val_size for an honest search.", name)
+        spec = StudySpec(storage_url=storage_url, study_name=s["study_name"], sweep_dir=str(sweep_dir),
+                         objective=name, space=space, limit=limit,
+                         sampler={k: s[k] for k in ("sampler", "seed", "sampler_options")}, workers=n_jobs)
+        return cls(sweeper, study, spec, n_jobs)
 
-    # ------------------------------------------------------------ the loop
-    def run(self) -> list:
-        optuna = require_optuna()
-        states = optuna.trial.TrialState
+    # ------------------------------------------------------------ the workers
+    def run(self) -> list[int]:
+        states = require_optuna().trial.TrialState
+        self._adopt_unfinished()
         trials = self.study.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state.is_finished()]
-        # Trials a previous run of this command left running (it was stopped): finish them first.
-        resumable = [t for t in trials if t.state == states.RUNNING
-                     and t.user_attrs.get("sweep_dir") == str(self.sweep_dir)]
-        to_go = max(0, self.n_trials - len(finished))
-        if self.grid_size is not None:
-            to_go = min(to_go, max(0, self.grid_size - len(finished)))
-        log.info("Search: study %r in %s, %s (%s), sampler %s; %d trial(s) already finished, %d to run%s",
-                 self.study.study_name, self.storage_url, self.objective, objectives.direction(self.objective),
-                 type(self.study.sampler).__name__, len(finished), to_go,
-                 f", {self.n_jobs} at a time" if self.n_jobs > 1 else "")
-        if not to_go:
-            log.info("The study already holds %d finished trials (hydra.sweeper.n_trials=%d); raise n_trials to "
-                     "search further.", len(finished), self.n_trials)
-        returns = []
-        while to_go > 0:
-            batch = []
-            while resumable and len(batch) < min(self.n_jobs, to_go):
-                trial = resumable.pop(0)
-                if self._settle_from_record(trial.number):
-                    to_go -= 1
-                    continue
-                batch.append((trial.number, trial._trial_id, trial.user_attrs["overrides"]))
-                log.info("Continuing trial %d, which was stopped before it finished", trial.number)
-            while len(batch) < min(self.n_jobs, to_go):
-                batch.append(self._ask())
-            if not batch:
+        active = [t for t in trials if t.state != states.WAITING]
+        to_go = max(0, self.spec.limit - len(active))
+        log.info("Search: study %r in %s, %s (%s), sampler %s; %d trial(s) already in the study, %d to run%s",
+                 self.study.study_name, masked(self.spec.storage_url), self.spec.objective,
+                 objectives.direction(self.spec.objective), self.spec.sampler["sampler"], len(active), to_go,
+                 f", {self.n_jobs} workers taking trials as they free up" if self.n_jobs > 1 else "")
+        if not to_go and not any(t.state == states.RUNNING for t in trials):
+            log.info("The study already holds %d trials (hydra.sweeper.n_trials=%d); raise n_trials to "
+                     "search further.", len(active), self.spec.limit)
+        ran = self._launch_workers()
+        for t in self.study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # a worker that was lost
+            if t.user_attrs.get("sweep_dir") == self.spec.sweep_dir:
+                settle(self.study, self.spec, t.number)
+        self._finish()
+        return ran
+
+    def _adopt_unfinished(self) -> None:
+        """Trials a previous run of this command left running (it was stopped): the
+        ones whose job ended are told now; the others go to the workers, spread
+        over them, to continue from their checkpoints."""
+        optuna = require_optuna()
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        mine = [t for t in running if t.user_attrs.get("sweep_dir") == self.spec.sweep_dir]
+        k = 0
+        for t in mine:
+            if settle(self.study, self.spec, t.number):
                 continue
-            returns.append(self._launch(batch))
-            to_go -= len(batch)
-            self._write_summary()
-        self._report_best()
-        return returns
+            if t.user_attrs.get(WORKER_ATTR, 0) >= self.n_jobs or t.user_attrs.get(WORKER_ATTR) is None:
+                # Through the public Trial API: the trial stays RUNNING, only its worker changes.
+                number_id = stores.trial_id(stores.open_storage(self.spec.storage_url), self.study.study_name,
+                                            t.number)
+                optuna.trial.Trial(self.study, number_id).set_user_attr(WORKER_ATTR, k % self.n_jobs)
+                k += 1
 
-    def _ask(self) -> tuple[int, int, list[str]]:
-        trial = self.study.ask()
-        params = {key: _suggest(trial, key, dist) for key, dist in self.space.distributions.items()}
-        overrides = self.space.overrides(params)
-        job_dir = self.sweep_dir / str(trial.number)
-        record = read_record(job_dir)
-        if record is not None and record.get("overrides") != overrides:
-            self.study.tell(trial, state=require_optuna().trial.TrialState.FAIL)
-            raise SystemExit(_error(
-                f"{job_dir} holds another job ({' '.join(record.get('overrides') or [])}), not trial "
-                f"{trial.number} of study {self.study.study_name!r}: this sweep dir belongs to another study. "
-                "Use a new hydra.sweep.dir, or the storage and study_name that made it."))
-        trial.set_user_attr("overrides", overrides)
-        trial.set_user_attr("sweep_dir", str(self.sweep_dir))
-        return trial.number, trial._trial_id, overrides
+    def _launch_workers(self) -> list[int]:
+        from hydra.core.singleton import Singleton
 
-    def _launch(self, batch: list[tuple[int, int, list[str]]]) -> list:
-        jobs = []
-        for number, trial_id, overrides in batch:
-            # The trial's own directory (a continued study never reuses one) and its link to
-            # the study, both as Hydra settings: the job's own config stays the user's.
-            link = TrialLink(storage=self.storage_url, study=self.study.study_name, trial_id=trial_id, number=number)
-            jobs.append([*overrides, f"hydra.sweep.subdir={number}",
-                         f"++hydra.job.env_set.{TRIAL_ENV}={format_value(link.to_env())}"])
-        self.sweeper.validate_batch_is_legal(jobs)
-        rets = self.sweeper.launcher.launch(jobs, initial_job_idx=batch[0][0])
-        for (number, _, _), ret in zip(batch, rets):
-            self._tell(number, ret)
-        return list(rets)
+        launcher = self.sweeper.launcher
+        local_parallel = self.n_jobs > 1 and not _is_submitit(launcher)
+        # Local jobs share this machine's cores among the workers; a SLURM job has its own.
+        runner = HydraTrialRunner(self.sweeper.hydra_context, self.sweeper.task_function, self.sweeper.config,
+                                  Singleton.get_state(), parallel_jobs=None if _is_submitit(launcher) else self.n_jobs)
+        workers = [Worker(self.spec, k, runner) for k in range(self.n_jobs)]
+        if _is_submitit(launcher):
+            from hydra_plugins.cnnexp_slurm_launcher.slurm_launcher import run_workers
 
-    def _tell(self, number: int, ret) -> None:
-        """Record how trial `number` ended, from the job's return and its run.json."""
-        states = require_optuna().trial.TrialState
-        if ret.status != JobStatus.COMPLETED:  # the task function raised: a bug, in the job's log
-            log.warning("Trial %d failed: %s", number, ret._return_value)
-            self.study.tell(number, state=states.FAIL, skip_if_finished=True)
-            return
-        if self._settle_from_record(number, value=ret.return_value):
-            return
-        log.warning("Trial %d left no usable record; counted as failed (see %s)", number,
-                    self.sweep_dir / str(number) / "cnnexp.log")
-        self.study.tell(number, state=states.FAIL, skip_if_finished=True)
+            return [n for ran in run_workers(launcher, workers, Path(self.spec.sweep_dir)) for n in ran]
+        if not local_parallel:
+            return workers[0]()
+        return _in_processes(workers)
 
-    def _settle_from_record(self, number: int, value: Any = None) -> bool:
-        """Tell the study what the job dir's run.json says; False when the job has not ended."""
-        states = require_optuna().trial.TrialState
-        record = read_record(self.sweep_dir / str(number)) or {}
-        status = record.get("status")
-        if status == "pruned":
-            self.study.tell(number, state=states.PRUNED, skip_if_finished=True)
-            log.info("Trial %d pruned after %s epoch(s)", number, record.get("epochs_completed"))
-            return True
-        if status == "completed":
-            if value is None:
-                value = record.get("objective_value")
-            if value is None:  # a record without the objective: compute it from the job's metrics
-                value = _objective_from_metrics(self.objective, self.sweep_dir / str(number) / METRICS_FILE)
-            value = math.nan if value is None else float(value)
-            if math.isnan(value):
-                log.warning("Trial %d completed without a value for %s; counted as failed", number, self.objective)
-                self.study.tell(number, state=states.FAIL, skip_if_finished=True)
-            else:
-                self.study.tell(number, value, skip_if_finished=True)
-                log.info("Trial %d completed: %s %.4g", number, self.objective, value)
-            return True
-        if status == "failed":
-            log.warning("Trial %d failed: %s", number, (record.get("error") or "").split("\n")[0])
-            self.study.tell(number, state=states.FAIL, skip_if_finished=True)
-            return True
-        return False
-
-    def _write_summary(self) -> None:
-        from cnnexp.sweep.summary import write_summary
-
+    def _finish(self) -> None:
+        """summary.csv, best.txt and the figures; the best trial and its command line;
+        exit 1 naming the trials that did not complete (failed, or left running)."""
+        sweep_dir = Path(self.spec.sweep_dir)
         try:
-            write_summary(self.sweep_dir)
-        except Exception as err:  # the summary must never stop the search
-            log.warning("Could not update the search summary: %s", err)
-
-    def _report_best(self) -> None:
-        """The totals, the best trial and its command line (also in best.txt)."""
-        try:
-            results.write_search_summary(self.sweep_dir)
-            log.info("%s(also in %s)", (self.sweep_dir / results.BEST_FILE).read_text(),
-                     self.sweep_dir / results.BEST_FILE)
-        except Exception as err:
-            log.warning("Could not summarise the search: %s", err)
+            plots = OmegaConf.select(self.sweeper.config, "trainer.plots", default="all") != "none"
+            table = results.write_search_summary(sweep_dir, plots=plots)
+        except (OSError, CnnexpError) as err:
+            words = getattr(err, "strerror", None) or str(err)
+            print(f"cnnexp: error: the search summary could not be written into {sweep_dir} ({words}); the trials' "
+                  f"run directories are kept: redraw it with python -m cnnexp.plot {sweep_dir}", file=sys.stderr)
+            raise SystemExit(1) from None
+        log.info("%s(also in %s)", (sweep_dir / results.BEST_FILE).read_text(), sweep_dir / results.BEST_FILE)
+        line = failed_jobs_line(table)
+        if line:
+            print(f"cnnexp: error: {line}", file=sys.stderr)
+            raise SystemExit(1)
 
 
 # ------------------------------------------------------------ helpers
-def _error(message: str) -> int:
-    import sys
+def _in_processes(workers: list[Worker]) -> list[int]:
+    """Each worker in a process of its own (loky, as Hydra's joblib launcher uses).
 
-    print(f"cnnexp: error: {message}", file=sys.stderr)
-    return 2
+    Ctrl-C reaches every process of the terminal: the workers' jobs checkpoint
+    and stop, and this process waits for them instead of tearing them down."""
+    from joblib import Parallel, delayed
 
-
-def _objective_from_metrics(name: str, path: Path) -> float:
-    import csv
-
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
-        with open(path, newline="") as f:
-            return objectives.final_value(name, list(csv.DictReader(f)))
-    except OSError:
-        return math.nan
+        done = Parallel(n_jobs=len(workers), backend="loky")(delayed(w)() for w in workers)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return [n for ran in done for n in ran]
 
 
-def _suggest(trial, key: str, dist):
-    """A value for `key` through the public suggest API (an enqueued trial gets its fixed value)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(key, dist.choices)
-    if isinstance(dist, FloatDistribution):
-        return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
-    return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
-
-
-def _sampler(optuna, s: dict, space: SearchSpace, seed_offset: int = 0):
-    options = dict(s["sampler_options"] or {})
-    if s["seed"] is not None:
-        options.setdefault("seed", int(s["seed"]) + seed_offset)
-    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-             "cmaes": optuna.samplers.CmaEsSampler, "grid": optuna.samplers.GridSampler}
+def _is_submitit(launcher) -> bool:
     try:
-        if s["sampler"] == "grid":
-            return kinds["grid"](space.grid(), **options)
-        return kinds[s["sampler"]](**options)
-    except ImportError as err:
-        raise ConfigError(f"hydra.sweeper.sampler={s['sampler']} needs a package that is not installed "
-                          f"({err.name or err}): pip install 'cnnexp[search]'") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"hydra.sweeper.sampler_options={s['sampler_options']} do not fit the {s['sampler']} "
-                          f"sampler: {err}") from None
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+    except ImportError:
+        return False
+    return isinstance(launcher, BaseSubmititLauncher)
+
+
+def _is_cluster(launcher) -> bool:
+    """Trials on other nodes: the default store is then the journal file."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+    except ImportError:
+        return False
+    return isinstance(launcher, SlurmLauncher)
 
 
 def _open_study(optuna, url: str, name: str, sampler, pruner, direction: str):
     try:
-        storage = open_storage(url)
+        storage = stores.open_storage(url)
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                    direction=direction, load_if_exists=True)
+    except stores.StudyLocked:
+        raise
     except Exception as err:  # a bad URL, a missing driver, a server that does not answer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"hydra.sweeper.storage={url!r} cannot be opened: {first}") from None
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                                direction=direction, load_if_exists=True)
+        words = str(getattr(err, "orig", None) or err).strip().splitlines()
+        first = masked(words[0]) if words else type(err).__name__
+        raise ConfigError(f"hydra.sweeper.storage={masked(url)!r} cannot be opened: {first}") from None
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"Study {name!r} in {url} was made to {study.direction.name.lower()} "
-                          f"{study.user_attrs.get('cnnexp.objective', 'its objective')}, but this trainer.objective "
+        raise ConfigError(f"Study {name!r} in {masked(url)} was made to {study.direction.name.lower()} "
+                          f"{study.user_attrs.get(OBJECTIVE_ATTR, 'its objective')}, but this trainer.objective "
                           f"asks to {direction}: use another hydra.sweeper.study_name or hydra.sweep.dir.")
     return study
+
+
+def _check_same_question(study, space: SearchSpace, objective: str, extend: bool, url: str) -> None:
+    """A study continued with another objective or search space would mix answers
+    to two questions: refuse, unless hydra.sweeper.extend=true (space only)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() or t.params]
+    if not trials:
+        return
+    start_new = ("start a new study with another hydra.sweep.dir (or hydra.sweeper.study_name)")
+    before = study.user_attrs.get(OBJECTIVE_ATTR)
+    if before and before != objective:
+        raise ConfigError(f"Study {study.study_name!r} in {masked(url)} searched for the best {before}, but "
+                          f"trainer.objective is now {objective}: its trials cannot be compared; {start_new}.")
+    searched: dict[str, Any] = {}
+    for t in trials:
+        searched.update(t.distributions)
+    changed = differences(searched, space.distributions)
+    if changed and not extend:
+        raise ConfigError(f"Study {study.study_name!r} in {masked(url)} searched another space: "
+                          f"{'; '.join(changed)}. To continue it with the new space anyway, add "
+                          f"hydra.sweeper.extend=true; or {start_new}.")
 
 
 def _enqueued_params(entry: Any, space: SearchSpace) -> dict:
@@ -313,6 +291,11 @@ def _enqueued_params(entry: Any, space: SearchSpace) -> dict:
     if unknown:
         raise ConfigError(f"hydra.sweeper.enqueue names {unknown[0]}, which is not searched "
                           f"(searched: {', '.join(space.distributions)}).")
+    for key, value in entry.items():
+        if not contains(space.distributions[key], value):
+            raise ConfigError(f"hydra.sweeper.enqueue gives {key}={value!r}, outside its search space "
+                              f"{describe(space.distributions[key])}: enqueue a value inside it, or widen the "
+                              "space.")
     return dict(entry)
 
 

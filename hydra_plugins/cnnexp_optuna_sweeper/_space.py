@@ -152,3 +152,41 @@ def _is_int_key(job_config: DictConfig, key: str) -> bool:
     except Exception:
         return False
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def describe(dist) -> str:
+    """A distribution as the override grammar writes it (for messages)."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return f"choice({', '.join(format_value(c) for c in dist.choices)})"
+    stepped = dist.step is not None and (isinstance(dist.low, float) or dist.step != 1)
+    if stepped:  # range() excludes its stop
+        return f"range({format_value(dist.low)}, {format_value(dist.high + dist.step)}, {format_value(dist.step)})"
+    text = f"interval({format_value(dist.low)}, {format_value(dist.high)})"
+    return f"tag(log, {text})" if dist.log else text
+
+
+def contains(dist, value: Any) -> bool:
+    """Whether a trial may take `value` for this distribution (an enqueued one, say)."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not dist.low <= value <= dist.high:
+        return False
+    if dist.step:
+        steps = (value - dist.low) / dist.step
+        return math.isclose(steps, round(steps), abs_tol=1e-9)
+    return True
+
+
+def differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """How two search spaces (key -> distribution) differ, in words; [] when they are the same."""
+    found = [f"{k} is no longer searched (was {describe(before[k])})" for k in before if k not in after]
+    found += [f"{k} is new ({describe(after[k])})" for k in after if k not in before]
+    found += [f"{k} was {describe(before[k])}, now {describe(after[k])}" for k in after
+              if k in before and before[k] != after[k]]
+    return found

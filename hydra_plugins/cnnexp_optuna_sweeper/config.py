@@ -15,8 +15,9 @@ class CnnexpOptunaSweeperConf:
     # Trials the study should hold when the command ends: re-running the same
     # command (same hydra.sweep.dir) continues the study up to this number.
     n_trials: int = 20
-    # Trials in flight at once, launched together through hydra/launcher.
-    # null: the launcher's own n_jobs (joblib), else 1.
+    # Workers taking trials at once: each asks the study for the next trial as
+    # soon as it is free. Processes on this machine, or SLURM jobs under
+    # hydra/launcher=slurm. null: the launcher's own n_jobs (joblib), else 1.
     n_jobs: int | None = None
     # tpe | random | cmaes | grid. The direction comes from trainer.objective.
     sampler: str = "tpe"
@@ -27,10 +28,15 @@ class CnnexpOptunaSweeperConf:
     pruner_min_epochs: int = 1  # the first epoch after which a trial may be pruned
     pruner_startup_trials: int = 5  # median: trials that must finish before any is pruned
     pruner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the Optuna pruner
-    # Any storage URL Optuna accepts (sqlite:///path.db, postgresql://...);
-    # null: sqlite:///<sweep dir>/optuna.db.
+    # Where the study lives: null (sqlite:///<sweep dir>/optuna.db; under
+    # hydra/launcher=slurm the journal file <sweep dir>/optuna.journal),
+    # journal (that journal file), journal:PATH, or any database URL Optuna
+    # accepts (sqlite:///path.db, postgresql://user@host/db).
     storage: str | None = None
     study_name: str = "cnnexp"
+    # Continue a study whose search space differs from this command's (the
+    # objective must stay the same); otherwise such a re-run is refused.
+    extend: bool = False
     # The search space, in Hydra's override grammar, e.g.
     #   optim.lr: tag(log, interval(1e-4, 1e-1))
     #   data.batch_size: choice(4, 16, 64)

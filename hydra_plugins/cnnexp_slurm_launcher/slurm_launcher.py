@@ -37,46 +37,15 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """Hydra's submitit SLURM launcher with cnnexp's requeue and lost-job handling."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        # Runs in the job, on the node. submitit answers SIGUSR2 by requeueing
-        # at once; during training cnnexp first finishes the step and writes a
-        # checkpoint, so there the warning goes to cnnexp's stop handler.
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
-        idle_term_handler = signal.getsignal(signal.SIGTERM)
-
-        def on_time_limit_warning(signum, frame):
-            current = signal.getsignal(signal.SIGTERM)
-            if callable(current) and current is not idle_term_handler:  # training: stop cleanly
-                current(signal.SIGTERM, frame)
-            else:
-                submitit_handler(signum, frame)
-
-        if callable(submitit_handler):
-            signal.signal(signal.SIGUSR2, on_time_limit_warning)
-        try:
-            return super().__call__(*args, **kwargs)
-        except SystemExit as stop:
-            if stop.code == STOPPED_BY_SIGTERM and callable(submitit_handler):
-                _requeue(submitit_handler)
-            raise
+        # Runs in the job, on the node. The bound parent call is taken here: submitit
+        # ships this class by value, so a module-level name for it may be another class object.
+        parent_call = super().__call__
+        return _with_requeue(lambda: parent_call(*args, **kwargs))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Submit one array task per job, then collect every job's result, also when some are lost."""
-        import submitit
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-        from omegaconf import OmegaConf
-        from submitit.slurm.slurm import SlurmJob
-
-        from cnnexp.sweep.slurm import accounting_works, queue_watcher
-
         assert self.config is not None
-        if not accounting_works():
-            SlurmJob.watcher = queue_watcher()(delay_s=600)
-        params = dict(self.params)
-        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
-
+        executor = _executor(self)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
@@ -93,6 +62,80 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             except Exception as err:  # the job ended without a result: killed, out of memory, node lost
                 returns.append(_lost(sweep_dir / _subdir(overrides, n), list(overrides), job, err))
         return returns
+
+
+def run_workers(launcher, workers: Sequence[Any], sweep_dir: Path) -> list:
+    """Run each search worker (a callable) as one job of `launcher`'s kind: SLURM jobs
+    under hydra/launcher=slurm or submitit_slurm, local submitit processes under
+    submitit_local. Waits for all of them; a worker lost on its node is logged and
+    its unfinished trial stays running in the study (re-running the command continues it)."""
+    executor = _executor(launcher)
+    jobs = executor.map_array(_WorkerJob(), list(workers))
+    log.info("Submitted %d search worker job(s): %s; their logs: %s", len(jobs), " ".join(j.job_id for j in jobs),
+             sweep_dir / ".submitit")
+    done = []
+    for k, job in enumerate(jobs):
+        try:
+            done.append(job.results()[0])
+        except Exception as err:  # killed, out of memory, node lost
+            log.error("Search worker %d (job %s) ended without a result (%s, state %s); see %s", k, job.job_id,
+                      type(err).__name__, job.state, job.paths.stderr)
+            done.append([])
+    return done
+
+
+class _WorkerJob:
+    """A search worker on its node, stopped and requeued like any cnnexp SLURM job;
+    when it starts again it first continues the trial it was running."""
+
+    def __call__(self, worker) -> list[int]:
+        return _with_requeue(worker)
+
+
+def _executor(launcher):
+    """A submitit executor with the launcher preset's parameters (SLURM or local)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmJob
+
+    from cnnexp.sweep.slurm import accounting_works, queue_watcher
+
+    cluster = "slurm" if isinstance(launcher, submitit_launcher.SlurmLauncher) else "local"
+    if cluster == "slurm" and not accounting_works():
+        SlurmJob.watcher = queue_watcher()(delay_s=600)
+    params = dict(launcher.params)
+    timeouts = params.pop("max_num_timeout", None)
+    executor = submitit.AutoExecutor(cluster=cluster, folder=params.pop("submitit_folder"),
+                                     **({f"{cluster}_max_num_timeout": timeouts} if timeouts is not None else {}))
+    shared = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in shared else f"{cluster}_{k}": v for k, v in params.items()})
+    return executor
+
+
+def _with_requeue(run):
+    """Run a job's work on its node. submitit answers SIGUSR2 by requeueing at once;
+    during training cnnexp first finishes the step and writes a checkpoint, so
+    there the warning goes to cnnexp's stop handler, and a job that stopped so is
+    requeued."""
+    submitit_handler = signal.getsignal(signal.SIGUSR2)
+    idle_term_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_time_limit_warning(signum, frame):
+        current = signal.getsignal(signal.SIGTERM)
+        if callable(current) and current is not idle_term_handler:  # training: stop cleanly
+            current(signal.SIGTERM, frame)
+        else:
+            submitit_handler(signum, frame)
+
+    if callable(submitit_handler):
+        signal.signal(signal.SIGUSR2, on_time_limit_warning)
+    try:
+        return run()
+    except SystemExit as stop:
+        if stop.code == STOPPED_BY_SIGTERM and callable(submitit_handler):
+            _requeue(submitit_handler)
+        raise
 
 
 def _requeue(submitit_handler) -> None:

@@ -10,15 +10,25 @@
 // input for tap (ci, kh, kw) is the input at p + ci*Hp*Wp + kh*Wp + kw, one
 // contiguous run for the whole output plane. The columns ow >= OW are garbage
 // and are dropped when the output is compacted (their gradient is zero).
-// Register-blocked loops use GCC vector extensions, so the compiler emits
-// AVX-512, AVX2 or SSE from the same source (-march=native).
+// Register-blocked loops use the vector extensions GCC and Clang share, so
+// the compiler emits AVX-512, AVX2, SSE or NEON from the same source
+// (-march=native).
 //
-// Built and loaded by cnnexp/kernels/build.py; called through ctypes.
+// The entry points trust nothing: cnx_create checks the whole layer
+// description against the parameter buffer and every allocation (sizes in
+// size_t, overflow checked) and says why it refuses; cnx_step checks the
+// batch size and the labels before it changes anything.
+//
+// Built and loaded by cnnexp/engine/kernels/build.py; called through ctypes.
 
 #include <cmath>
+#include <cstdarg>
+#include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -47,14 +57,32 @@ static inline vf splat(float s) { return vf{} + s; }
 static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-enum { CONV = 1, RELU = 2, POOL = 3, FLAT = 4, LINEAR = 5 };
-constexpr int SPEC_HEADER = 6, SPEC_LAYER = 8, SLACK = 8192;
+// Even and odd lanes of the pair (a, b): the deinterleave of 2x2 pooling.
+// __builtin_shufflevector (Clang, GCC >= 12) takes constant lane lists;
+// older GCC has only __builtin_shuffle with a mask vector.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if defined(__AVX512F__)
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#elif defined(__AVX__)
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15
+#else
+#define EVEN_LANES 0, 2, 4, 6
+#define ODD_LANES 1, 3, 5, 7
+#endif
+static inline vf even_lanes(vf a, vf b) { return __builtin_shufflevector(a, b, EVEN_LANES); }
+static inline vf odd_lanes(vf a, vf b) { return __builtin_shufflevector(a, b, ODD_LANES); }
+#else
+static inline vi lane_mask(int first) { vi m; for (int i = 0; i < VL; i++) m[i] = 2 * i + first; return m; }
+static inline vf even_lanes(vf a, vf b) { return __builtin_shuffle(a, b, lane_mask(0)); }
+static inline vf odd_lanes(vf a, vf b) { return __builtin_shuffle(a, b, lane_mask(1)); }
+#endif
 
-static float* zalloc(size_t n) {
-    float* p = static_cast<float*>(std::aligned_alloc(64, round_up((int)((n + SLACK) * 4), 64)));
-    std::memset(p, 0, (n + SLACK) * 4);
-    return p;
-}
+enum { CONV = 1, RELU = 2, POOL = 3, FLAT = 4, LINEAR = 5 };
+constexpr int SPEC_VERSION = 2, SPEC_HEADER = 6, SPEC_LAYER = 8, SLACK = 8192;
+// Per-image sizes index with int; anything near this is not a small CNN.
+constexpr long PER_IMAGE_MAX = INT_MAX / 8;
 
 struct Layer {
     int type, cin, cout, k, pad, w_off, b_off;
@@ -74,7 +102,35 @@ struct Net {
     std::vector<int> size;          // floats per image of act[i]
     float *params, *grads, *mom;
     long nparams;
+    std::vector<void*> blocks;      // every buffer allocated for this net, freed with it
+    ~Net() { for (void* p : blocks) std::free(p); }
 };
+
+// `count` zeroed elements of `elem` bytes plus slack (vector loads may run past
+// a plane), 64-byte aligned; nullptr when the size overflows or the memory is
+// not there. calloc takes fresh zero pages from the OS for large buffers, so
+// a buffer costs memory only as far as a step uses it.
+static void* zalloc_bytes(Net& net, size_t count, size_t elem) {
+    size_t bytes;
+    if (__builtin_mul_overflow(count, elem, &bytes) || __builtin_add_overflow(bytes, (size_t)SLACK * 4 + 64, &bytes))
+        return nullptr;
+    void* raw = std::calloc(1, bytes);
+    if (!raw) return nullptr;
+    net.blocks.push_back(raw);
+    return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+static float* zalloc(Net& net, size_t n) { return static_cast<float*>(zalloc_bytes(net, n, sizeof(float))); }
+
+static bool fail(char* err, int err_len, const char* fmt, ...) {
+    if (err && err_len > 0) {
+        va_list args;
+        va_start(args, fmt);
+        std::vsnprintf(err, (size_t)err_len, fmt, args);
+        va_end(args);
+    }
+    return false;
+}
 
 // ------------------------------------------------------------------ convolution
 template <int C_, int N_>
@@ -289,10 +345,9 @@ static void relu_backward(const float* y, const float* gy, float* gx, long m) {
 // found with vector compares and selects, free of branches (which random
 // data mispredicts).
 static void pool_forward(const Layer& L, const float* x, float* y, int n) {
-    vi even, odd;
-    for (int i = 0; i < VL; i++) { even[i] = 2 * i; odd[i] = 2 * i + 1; }
-    const int planes = n * L.C, OW = L.OW;
-    for (int pl = 0; pl < planes; pl++) {
+    const long planes = (long)n * L.C;
+    const int OW = L.OW;
+    for (long pl = 0; pl < planes; pl++) {
         const float* in = x + (long)pl * L.H * L.W;
         float* out = y + (long)pl * L.OH * OW;
         uint8_t* code = L.argmax + (long)pl * L.OH * OW;
@@ -303,8 +358,8 @@ static void pool_forward(const Layer& L, const float* x, float* y, int n) {
                 // may read past the row: into the next row or the buffer's slack, never used
                 const vf x0 = ld(r0 + 2 * ow), x1 = ld(r0 + 2 * ow + VL);
                 const vf y0 = ld(r1 + 2 * ow), y1 = ld(r1 + 2 * ow + VL);
-                const vf a = __builtin_shuffle(x0, x1, even), b = __builtin_shuffle(x0, x1, odd);
-                const vf c = __builtin_shuffle(y0, y1, even), d = __builtin_shuffle(y0, y1, odd);
+                const vf a = even_lanes(x0, x1), b = odd_lanes(x0, x1);
+                const vf c = even_lanes(y0, y1), d = odd_lanes(y0, y1);
                 vf m = a;
                 vi k = vi{};
                 vi t = (b > m) | (b != b);
@@ -325,8 +380,8 @@ static void pool_forward(const Layer& L, const float* x, float* y, int n) {
 
 static void pool_backward(const Layer& L, const float* gy, float* gx, int n) {
     std::memset(gx, 0, (size_t)n * L.C * L.H * L.W * 4);
-    const int planes = n * L.C;
-    for (int pl = 0; pl < planes; pl++) {
+    const long planes = (long)n * L.C;
+    for (long pl = 0; pl < planes; pl++) {
         float* g = gx + (long)pl * L.H * L.W;
         const uint8_t* code = L.argmax + (long)pl * L.OH * L.OW;
         const float* src = gy + (long)pl * L.OH * L.OW;
@@ -409,15 +464,22 @@ extern "C" {
 
 int cnx_vector_width() { return VL; }
 
-// spec: [version, n_layers, nmax, C, H, W] then n_layers x [type, a, b, c, d, e, f, g]
-void* cnx_create(const int* spec, float* params, float* grads, float* mom, long nparams) {
-    if (spec[0] != 1) return nullptr;
-    Net* net = new Net();
+// Reads the layer description into `net`, checking it; false (and why, in err) when it is not sound.
+static bool build_net(Net& net, const int* spec, long spec_len, char* err, int err_len) {
+    if (spec_len < SPEC_HEADER) return fail(err, err_len, "the layer description is %ld ints long", spec_len);
+    if (spec[0] != SPEC_VERSION)
+        return fail(err, err_len, "layer description version %d, this library reads %d", spec[0], SPEC_VERSION);
     const int nl = spec[1];
-    net->nmax = spec[2]; net->C = spec[3]; net->H = spec[4]; net->W = spec[5];
-    net->params = params; net->grads = grads; net->mom = mom; net->nparams = nparams;
-    int C = net->C, H = net->H, W = net->W;
-    net->size.push_back(C * H * W);
+    if (nl < 1 || spec_len != SPEC_HEADER + (long)nl * SPEC_LAYER)
+        return fail(err, err_len, "%d layers do not match a description of %ld ints", nl, spec_len);
+    net.nmax = spec[2]; net.C = spec[3]; net.H = spec[4]; net.W = spec[5];
+    if (net.nmax < 1) return fail(err, err_len, "a batch of %d images", net.nmax);
+    if (net.C < 1 || net.H < 1 || net.W < 1 || (long)net.C * net.H * net.W > PER_IMAGE_MAX)
+        return fail(err, err_len, "an input of shape (%d, %d, %d)", net.C, net.H, net.W);
+    // a parameter block [off, off + count) must lie inside the flat buffer
+    auto inside = [&](long off, long count) { return off >= 0 && count >= 0 && off + count <= net.nparams; };
+    int C = net.C, H = net.H, W = net.W;
+    net.size.push_back(C * H * W);
     for (int li = 0; li < nl; li++) {
         const int* s = spec + SPEC_HEADER + li * SPEC_LAYER;
         Layer L{};
@@ -425,61 +487,149 @@ void* cnx_create(const int* spec, float* params, float* grads, float* mom, long 
         L.OC = C; L.OH = H; L.OW = W;
         if (L.type == CONV) {
             L.cin = s[1]; L.cout = s[2]; L.k = s[3]; L.pad = s[4]; L.w_off = s[5]; L.b_off = s[6];
+            if (L.cin != C || L.cout < 1 || L.k < 1 || L.pad < 0 || L.cout > PER_IMAGE_MAX / L.k)
+                return fail(err, err_len, "layer %d: a convolution %d->%d, kernel %d, padding %d after %d channels",
+                            li, L.cin, L.cout, L.k, L.pad, C);
             L.Hp = H + 2 * L.pad; L.Wp = W + 2 * L.pad;
             L.OC = L.cout; L.OH = L.Hp - L.k + 1; L.OW = L.Wp - L.k + 1;
+            if (L.OH < 1 || L.OW < 1) return fail(err, err_len, "layer %d: a %dx%d image is smaller than the kernel",
+                                                  li, H, W);
+            const long T = (long)L.cin * L.k * L.k;
+            if (!inside(L.w_off, T * L.cout) || (L.b_off != -1 && !inside(L.b_off, L.cout)))
+                return fail(err, err_len, "layer %d: parameters outside the buffer of %ld", li, net.nparams);
             L.P = L.OH * L.Wp; L.Pr = round_up(L.P, VL);
             L.Q = L.Hp * L.Wp; L.Qr = round_up(L.Q, VL);
             L.FP = round_up((L.k - 1) * L.Wp + L.k - 1, VL);
             L.GS = L.FP + (L.Qr > L.Pr ? L.Qr : L.Pr) + NB * VL;
-            L.T = L.cin * L.k * L.k;
+            L.T = (int)T;
+            if ((long)L.cout * L.GS > PER_IMAGE_MAX || (long)L.cin * L.Qr > PER_IMAGE_MAX)
+                return fail(err, err_len, "layer %d: a convolution too large for this step", li);
             for (int ci = 0; ci < L.cin; ci++)
                 for (int kh = 0; kh < L.k; kh++)
                     for (int kw = 0; kw < L.k; kw++) L.off.push_back(ci * L.Hp * L.Wp + kh * L.Wp + kw);
-            if (L.pad) L.xpad = zalloc((size_t)net->nmax * L.cin * L.Hp * L.Wp);
-            L.full = zalloc((size_t)net->nmax * L.cout * L.Pr);
-            L.gfull = zalloc((size_t)net->nmax * L.cout * L.GS);
-            L.gin_full = zalloc((size_t)L.cin * L.Qr);
         } else if (L.type == POOL) {
+            if (H < 2 || W < 2) return fail(err, err_len, "layer %d: a 2x2 pooling of a %dx%d image", li, H, W);
             L.OH = H / 2; L.OW = W / 2;
-            L.argmax = static_cast<uint8_t*>(std::calloc((size_t)net->nmax * C * L.OH * L.OW + SLACK, 1));
         } else if (L.type == FLAT) {
             L.OC = C * H * W; L.OH = 1; L.OW = 1;
         } else if (L.type == LINEAR) {
             L.cin = s[1]; L.cout = s[2]; L.w_off = s[3]; L.b_off = s[4];
+            if (L.cin != C * H * W || L.cout < 1 || L.cout > PER_IMAGE_MAX)
+                return fail(err, err_len, "layer %d: a linear layer %d->%d after %d features", li, L.cin, L.cout,
+                            C * H * W);
+            if (!inside(L.w_off, (long)L.cin * L.cout) || (L.b_off != -1 && !inside(L.b_off, L.cout)))
+                return fail(err, err_len, "layer %d: parameters outside the buffer of %ld", li, net.nparams);
             L.OC = L.cout; L.OH = 1; L.OW = 1;
         } else if (L.type != RELU) {
-            delete net;
-            return nullptr;
+            return fail(err, err_len, "layer %d has the unknown kind %d", li, L.type);
         }
+        if ((long)L.OC * L.OH * L.OW > PER_IMAGE_MAX) return fail(err, err_len, "layer %d: an output too large", li);
         C = L.OC; H = L.OH; W = L.OW;
-        net->layers.push_back(L);
-        net->size.push_back(C * H * W);
+        net.layers.push_back(L);
+        net.size.push_back(C * H * W);
     }
-    net->classes = C * H * W;
-    for (int sz : net->size) {
-        net->act.push_back(zalloc((size_t)net->nmax * sz));
-        net->gact.push_back(zalloc((size_t)net->nmax * sz));
-    }
-    return net;
+    if (H != 1 || W != 1) return fail(err, err_len, "the chain ends in a %dx%d image, not logits", H, W);
+    net.classes = C;
+    return true;
 }
 
-void cnx_destroy(void* handle) {
-    Net* net = static_cast<Net*>(handle);
-    for (auto& L : net->layers) {
-        std::free(L.xpad); std::free(L.full); std::free(L.gfull); std::free(L.gin_full); std::free(L.argmax);
+// The buffers of every layer for batches of up to nmax images.
+static bool allocate(Net& net, char* err, int err_len) {
+    const size_t nmax = (size_t)net.nmax;
+    bool ok = true;
+    for (Layer& L : net.layers) {
+        if (L.type == CONV) {
+            if (L.pad) ok = ok && (L.xpad = zalloc(net, nmax * L.cin * L.Hp * L.Wp));
+            ok = ok && (L.full = zalloc(net, nmax * L.cout * L.Pr)) && (L.gfull = zalloc(net, nmax * L.cout * L.GS))
+                 && (L.gin_full = zalloc(net, (size_t)L.cin * L.Qr));
+        } else if (L.type == POOL) {
+            ok = ok && (L.argmax = static_cast<uint8_t*>(zalloc_bytes(net, nmax * L.C * L.OH * L.OW, 1)));
+        }
     }
-    for (float* p : net->act) std::free(p);
-    for (float* p : net->gact) std::free(p);
-    delete net;
+    for (int sz : net.size) {
+        float *a = ok ? zalloc(net, nmax * sz) : nullptr, *g = a ? zalloc(net, nmax * sz) : nullptr;
+        ok = ok && a && g;
+        net.act.push_back(a);
+        net.gact.push_back(g);
+    }
+    if (ok) return true;
+    size_t total = 0;
+    for (int sz : net.size) total += 2 * nmax * (size_t)sz * sizeof(float);
+    return fail(err, err_len, "could not allocate the buffers for batches of %d images (over %.3g GB)", net.nmax,
+                total / 1e9);
 }
+
+// spec: [version, n_layers, nmax, C, H, W] then n_layers x [type, a, b, c, d, e, f, g].
+// nullptr, with the reason in err, when the description or the buffers are not sound.
+void* cnx_create(const int* spec, long spec_len, float* params, float* grads, float* mom, long nparams, char* err,
+                 int err_len) {
+    if (!spec || !params || !grads || nparams < 1) {
+        fail(err, err_len, "no layer description or parameter buffers");
+        return nullptr;
+    }
+    Net* net = nullptr;
+    try {
+        net = new Net();
+        net->params = params; net->grads = grads; net->mom = mom; net->nparams = nparams;
+        if (build_net(*net, spec, spec_len, err, err_len) && allocate(*net, err, err_len)) return net;
+    } catch (const std::bad_alloc&) {
+        fail(err, err_len, "out of memory while reading the layer description");
+    }
+    delete net;  // frees every buffer allocated so far
+    return nullptr;
+}
+
+void cnx_destroy(void* handle) { delete static_cast<Net*>(handle); }
+
+// The CPU features this library was compiled for (-march=native), checked at
+// run time: a library from a shared cache, built on another CPU, must not run
+// instructions this one lacks. 1 when every one is present. Compiled for the
+// baseline architecture, so the check itself runs anywhere.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("arch=x86-64"))) int cnx_cpu_supported() {
+    __builtin_cpu_init();
+    int ok = 1;
+#if defined(__AVX512F__)
+    ok &= __builtin_cpu_supports("avx512f") != 0;
+#endif
+#if defined(__AVX512BW__)
+    ok &= __builtin_cpu_supports("avx512bw") != 0;
+#endif
+#if defined(__AVX512VL__)
+    ok &= __builtin_cpu_supports("avx512vl") != 0;
+#endif
+#if defined(__AVX2__)
+    ok &= __builtin_cpu_supports("avx2") != 0;
+#endif
+#if defined(__FMA__)
+    ok &= __builtin_cpu_supports("fma") != 0;
+#endif
+#if defined(__AVX__)
+    ok &= __builtin_cpu_supports("avx") != 0;
+#endif
+#if defined(__SSE4_2__)
+    ok &= __builtin_cpu_supports("sse4.2") != 0;
+#endif
+    return ok;
+}
+#else
+int cnx_cpu_supported() { return 1; }  // the cache key (the CPU's feature line) tells such CPUs apart
+#endif
 
 // One step on n <= nmax images. x is uint8 (normalised here as (x - shift) / scale
 // per channel, as cnnexp.data.Normalizer does) or float32 already normalised.
 // The logits go to `logits`; the parameters, gradients and momentum buffer are
 // updated in place (torch.optim.SGD's rule, dampening 0).
-void cnx_step(void* handle, const void* x, int x_is_uint8, const float* shift, const float* scale,
-              const int64_t* y, int n, float* logits, float lr, float momentum, float weight_decay, int nesterov) {
+// Returns 0 after the step; -1 for a batch of n outside [1, nmax] or missing
+// buffers; 1 + i when label y[i] is outside [0, classes). Nothing is changed
+// unless it returns 0.
+int cnx_step(void* handle, const void* x, int x_is_uint8, const float* shift, const float* scale,
+             const int64_t* y, int n, float* logits, float lr, float momentum, float weight_decay, int nesterov) {
+    if (!handle || !x || !y || !logits || (x_is_uint8 && (!shift || !scale))) return -1;
     Net& net = *static_cast<Net*>(handle);
+    if (n < 1 || n > net.nmax) return -1;
+    for (int i = 0; i < n; i++)
+        if (y[i] < 0 || y[i] >= net.classes) return 1 + i;
     const int plane = net.H * net.W, m0 = net.size[0];
     float* a0 = net.act[0];
     if (x_is_uint8) {
@@ -540,6 +690,7 @@ void cnx_step(void* handle, const void* x, int x_is_uint8, const float* shift, c
     } else {
         for (long i = 0; i < m; i++) p[i] -= lr * (g[i] + wd * p[i]);
     }
+    return 0;
 }
 
 }  // extern "C"

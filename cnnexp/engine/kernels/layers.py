@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CONV, RELU, POOL, FLAT, LINEAR = 1, 2, 3, 4, 5
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # fused_step.cpp reads this version only
 
 
 @dataclass

@@ -111,7 +111,7 @@ def function_lengths(name: str, path: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("function, limit", [("cnnexp.run.job.run_job", 60), ("cnnexp.run.job.run", 60),
-                                             ("cnnexp.run.loop.train", 110)])
+                                             ("cnnexp.run.loop.train", 40)])
 def test_orchestrating_functions_read_top_to_bottom(function, limit):
     module, name = function.rsplit(".", 1)
     lengths = function_lengths(module, modules()[module])

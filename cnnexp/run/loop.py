@@ -81,103 +81,134 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, stop_requested: 
     user asked to stop; `observers` hear of the start, every trainer.log_every_steps
     steps and every epoch."""
     setup = setup or build(cfg, device, checkpoint)
-    t_cfg, data, model, engine, threads = cfg.trainer, setup.data, setup.model, setup.engine, setup.threads
-    data_order = torch.Generator().manual_seed(int(t_cfg.seed))
-    at = restore(checkpoint, model, setup.optimizer, data_order)
-    if checkpoint is not None and checkpoint.ema is not None and setup.ema is not None:
-        setup.ema.load_state_dict(checkpoint.ema)
-    if at.best_model is not None:  # a stop may have come between the two writes
-        atomic_torch_save(at.best_model, run_dir / BEST_MODEL_FILE)
-    rows, best_model = at.rows, at.best_model
-    has_val = data.val_x is not None
-    metrics = MetricsCSV(run_dir / METRICS_FILE, with_val=has_val)
-    metrics.rewrite(rows)  # drops any row written after the checkpoint
-    n_train = data.train_x.shape[0]
-    progress = Progress(t_cfg.progress, t_cfg.log_every_steps, engine.steps_per_epoch,
-                        show_loss=engine.device.type == "cpu")
-    log_start(cfg, setup)
-    schedule, stopping = schedule_of(cfg, engine.steps_per_epoch), early_stopping_of(t_cfg, has_val)
-
-    observers = observers or Observers()
-    observers.steps_per_epoch = engine.steps_per_epoch
-    observers.on_start(cfg, run_dir, list(rows))
-    observe_steps = observers.wants_steps()
-
-    def on_progress(step: int, running_loss: Callable[[], float]) -> None:
-        progress.update(step, running_loss)
-        if observe_steps and step % t_cfg.log_every_steps == 0:
-            observers.on_step(progress.epoch, step, running_loss())
-
-    def evaluate_on(x: torch.Tensor, y: torch.Tensor) -> EvalResult:
-        with cpu_settings(threads.eval, threads.eval_onednn), weights_to_use(setup):
-            return evaluate(model, x, y, t_cfg.eval_batch_size, data.num_classes, data.normalize,
-                            tta=t_cfg.get("tta", "none"), options=setup.options)
-
-    def save_checkpoint(epochs_done: int, step: int = 0, order_state=None, result=None, seconds: float = 0.0):
-        """A non-zero step marks a stop inside epoch epochs_done + 1."""
-        rng, partial = rng_states(data_order), None
-        if step:
-            rng["data_order"] = order_state  # redraw the interrupted epoch's permutation on resume
-            partial = {"logits": engine.stepper.logits[: result.samples].detach().cpu().clone(), "seconds": seconds}
-        Checkpoint(epoch=epochs_done, step=step, model=cpu_state(model), optimizer=setup.optimizer.state_dict(),
-                   rng=rng, metrics=list(rows), partial=partial, best_model=best_model,
-                   step_plan=setup.step_plan.as_record() if setup.step_plan is not None else None,
-                   config=OmegaConf.to_container(cfg, resolve=True),
-                   ema=setup.ema.state_dict() if setup.ema is not None else None).save(run_dir)
-
-    final_eval, stopped_at = None, None
-    for epoch in range(at.epoch, t_cfg.max_epochs + 1):
-        if stopping is not None and stopping.should_stop(rows):  # also a resumed run that had stopped
-            stopped_at = log_early_stop(stopping, rows)
+    loop = EpochLoop(cfg, run_dir, setup, checkpoint, observers or Observers())
+    for epoch in range(loop.at.epoch, cfg.trainer.max_epochs + 1):
+        if loop.stops_early():  # also a resumed run that had stopped
             break
-        lr = schedule.at(epoch)
-        setup.optimizer.set_lr(lr)
-        order_state = data_order.get_state()  # so a mid-epoch stop can redraw this permutation
-        perm = torch.randperm(n_train, generator=data_order)
-        carried = at.partial if epoch == at.epoch else None  # a resumed epoch brings its earlier steps
-        first_step = at.step if epoch == at.epoch else 0
-        progress.start(epoch, t_cfg.max_epochs, first_step)
-        t0 = time.perf_counter() - (carried["seconds"] if carried else 0.0)
-        with cpu_settings(threads.train, threads.train_onednn):
-            result = engine.train_epoch(
-                data.train_x, data.train_y, perm, start_step=first_step,
+        result, seconds = loop.train_epoch(epoch, stop_requested)
+        check_finite(result, epoch, len(loop.rows), float(cfg.optim.lr))
+        signum = stop_requested()
+        if signum is not None and result.steps < setup.engine.steps_per_epoch:  # stopped inside the epoch
+            if cfg.trainer.checkpoint:
+                loop.save_checkpoint(epoch - 1, result, seconds)
+            raise Interrupted(signum, epoch, result.steps, checkpointed=cfg.trainer.checkpoint)
+        loop.end_epoch(epoch, result, seconds)
+        if signum is not None:
+            raise Interrupted(signum, epoch, setup.engine.steps_per_epoch, checkpointed=cfg.trainer.checkpoint)
+    return loop.finish()
+
+
+class EpochLoop:
+    """The state one run's epochs share: the data order, the metrics rows, the
+    selected epoch's weights, progress and observers; train() drives it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, setup: Setup, checkpoint: Checkpoint | None,
+                 observers: Observers):
+        self.cfg, self.t_cfg, self.run_dir, self.setup = cfg, cfg.trainer, run_dir, setup
+        self.data_order = torch.Generator().manual_seed(int(self.t_cfg.seed))
+        self.at = restore(checkpoint, setup.model, setup.optimizer, self.data_order)
+        if checkpoint is not None and checkpoint.ema is not None and setup.ema is not None:
+            setup.ema.load_state_dict(checkpoint.ema)
+        if self.at.best_model is not None:  # a stop may have come between the two writes
+            atomic_torch_save(self.at.best_model, run_dir / BEST_MODEL_FILE)
+        self.rows, self.best_model = self.at.rows, self.at.best_model
+        self.has_val = setup.data.val_x is not None
+        self.metrics = MetricsCSV(run_dir / METRICS_FILE, with_val=self.has_val)
+        self.metrics.rewrite(self.rows)  # drops any row written after the checkpoint
+        engine = setup.engine
+        self.progress = Progress(self.t_cfg.progress, self.t_cfg.log_every_steps, engine.steps_per_epoch,
+                                 show_loss=engine.device.type == "cpu")
+        log_start(cfg, setup)
+        self.schedule = schedule_of(cfg, engine.steps_per_epoch)
+        self.stopping = early_stopping_of(self.t_cfg, self.has_val)
+        self.final_eval, self.stopped_at = None, None
+        self.order_state = None  # the data order before this epoch's permutation
+        self.observers = observers
+        observers.steps_per_epoch = engine.steps_per_epoch
+        observers.on_start(cfg, run_dir, list(self.rows))
+        self.observe_steps = observers.wants_steps()
+
+    def stops_early(self) -> bool:
+        if self.stopping is None or not self.stopping.should_stop(self.rows):
+            return False
+        self.stopped_at = log_early_stop(self.stopping, self.rows)
+        return True
+
+    def train_epoch(self, epoch: int, stop_requested: Callable[[], int | None]):
+        """(the epoch's EpochResult, its seconds so far): one permutation, from where a resume left off."""
+        setup, t_cfg = self.setup, self.t_cfg
+        self.lr = self.schedule.at(epoch)
+        setup.optimizer.set_lr(self.lr)
+        self.order_state = self.data_order.get_state()  # so a mid-epoch stop can redraw this permutation
+        perm = torch.randperm(setup.data.train_x.shape[0], generator=self.data_order)
+        carried = self.at.partial if epoch == self.at.epoch else None  # a resumed epoch brings its earlier steps
+        first_step = self.at.step if epoch == self.at.epoch else 0
+        self.progress.start(epoch, t_cfg.max_epochs, first_step)
+        self.t0 = time.perf_counter() - (carried["seconds"] if carried else 0.0)
+        with cpu_settings(setup.threads.train, setup.threads.train_onednn):
+            result = setup.engine.train_epoch(
+                setup.data.train_x, setup.data.train_y, perm, start_step=first_step,
                 prior_logits=carried["logits"] if carried else None,
                 should_stop=lambda: stop_requested() is not None,
-                on_progress=on_progress, progress_every=progress.every, **epoch_hooks(setup, schedule, epoch,
-                                                                                     int(t_cfg.seed)))
-        train_seconds = time.perf_counter() - t0
-        progress.close()
+                on_progress=self.on_progress, progress_every=self.progress.every,
+                **epoch_hooks(setup, self.schedule, epoch, int(t_cfg.seed)))
+        seconds = time.perf_counter() - self.t0
+        self.progress.close()
+        return result, seconds
 
-        check_finite(result, epoch, len(rows), float(cfg.optim.lr))
-        signum = stop_requested()
-        if signum is not None and result.steps < engine.steps_per_epoch:
-            if t_cfg.checkpoint:
-                save_checkpoint(epoch - 1, result.steps, order_state, result, train_seconds)
-            raise Interrupted(signum, epoch, result.steps, checkpointed=t_cfg.checkpoint)
+    def on_progress(self, step: int, running_loss: Callable[[], float]) -> None:
+        self.progress.update(step, running_loss)
+        if self.observe_steps and step % self.t_cfg.log_every_steps == 0:
+            self.observers.on_step(self.progress.epoch, step, running_loss())
 
-        final_eval = evaluate_on(data.test_x, data.test_y)
-        evals = {"test": final_eval, **({"val": evaluate_on(data.val_x, data.val_y)} if has_val else {})}
-        row = epoch_row(epoch, result, n_train, engine.steps_per_epoch, evals)
-        row |= {"lr": lr, "epoch_seconds": round(time.perf_counter() - t0, 3),
-                "train_samples_per_s": round(result.samples / max(train_seconds, 1e-9), 1)}
-        rows.append(row)
-        if has_val and selected_row(rows) is row:  # a new best on the validation split
-            with weights_to_use(setup):
-                best_model = cpu_state(model)
-            atomic_torch_save(best_model, run_dir / BEST_MODEL_FILE)
-        if t_cfg.checkpoint:
-            save_checkpoint(epoch)
-        metrics.append(row)
-        log_epoch(row, t_cfg.max_epochs)
-        observers.on_epoch(row)
-        if signum is not None:
-            raise Interrupted(signum, epoch, engine.steps_per_epoch, checkpointed=t_cfg.checkpoint)
+    def evaluate_on(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
+        setup, data = self.setup, self.setup.data
+        with cpu_settings(setup.threads.eval, setup.threads.eval_onednn), weights_to_use(setup):
+            return evaluate(setup.model, x, y, self.t_cfg.eval_batch_size, data.num_classes, data.normalize,
+                            tta=self.t_cfg.get("tta", "none"), options=setup.options)
 
-    if final_eval is None:  # resumed a run whose epochs were all done
-        final_eval = evaluate_on(data.test_x, data.test_y)
-    with weights_to_use(setup):
-        write_final_outputs(run_dir, model, data, final_eval)
-    return RunResult(rows=rows, final_eval=final_eval, record_fields=stop_record(stopping, stopped_at, rows))
+    def end_epoch(self, epoch: int, result, seconds: float) -> None:
+        """Evaluate, then the row, the selected weights and the checkpoint on disk before any observer hears."""
+        data = self.setup.data
+        self.final_eval = self.evaluate_on(data.test_x, data.test_y)
+        evals = {"test": self.final_eval, **({"val": self.evaluate_on(data.val_x, data.val_y)} if self.has_val else {})}
+        row = epoch_row(epoch, result, data.train_x.shape[0], self.setup.engine.steps_per_epoch, evals)
+        row |= {"lr": self.lr, "epoch_seconds": round(time.perf_counter() - self.t0, 3),
+                "train_samples_per_s": round(result.samples / max(seconds, 1e-9), 1)}
+        self.rows.append(row)
+        if self.has_val and selected_row(self.rows) is row:  # a new best on the validation split
+            with weights_to_use(self.setup):
+                self.best_model = cpu_state(self.setup.model)
+            atomic_torch_save(self.best_model, self.run_dir / BEST_MODEL_FILE)
+        if self.t_cfg.checkpoint:
+            self.save_checkpoint(epoch)
+        self.metrics.append(row)
+        log_epoch(row, self.t_cfg.max_epochs)
+        self.observers.on_epoch(row)
+
+    def save_checkpoint(self, epochs_done: int, partial_result=None, seconds: float = 0.0) -> None:
+        """With partial_result, a stop inside epoch epochs_done + 1 after its steps so far."""
+        setup = self.setup
+        rng, partial = rng_states(self.data_order), None
+        if partial_result is not None:
+            rng["data_order"] = self.order_state  # redraw the interrupted epoch's permutation on resume
+            partial = {"logits": setup.engine.stepper.logits[: partial_result.samples].detach().cpu().clone(),
+                       "seconds": seconds}
+        Checkpoint(epoch=epochs_done, step=partial_result.steps if partial_result is not None else 0,
+                   model=cpu_state(setup.model), optimizer=setup.optimizer.state_dict(), rng=rng,
+                   metrics=list(self.rows), partial=partial, best_model=self.best_model,
+                   step_plan=setup.step_plan.as_record() if setup.step_plan is not None else None,
+                   config=OmegaConf.to_container(self.cfg, resolve=True),
+                   ema=setup.ema.state_dict() if setup.ema is not None else None).save(self.run_dir)
+
+    def finish(self) -> RunResult:
+        data = self.setup.data
+        if self.final_eval is None:  # resumed a run whose epochs were all done
+            self.final_eval = self.evaluate_on(data.test_x, data.test_y)
+        with weights_to_use(self.setup):
+            write_final_outputs(self.run_dir, self.setup.model, data, self.final_eval)
+        return RunResult(rows=self.rows, final_eval=self.final_eval,
+                         record_fields=stop_record(self.stopping, self.stopped_at, self.rows))
 
 
 def log_start(cfg: DictConfig, setup: Setup) -> None:

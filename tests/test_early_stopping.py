@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cnnexp.engine.early_stopping import EarlyStopping, monitored_metric
-from tests.conftest import SMALL, run_cli
+from conftest import SMALL, run_cli
 
 
 def rows(values, key="val_acc"):

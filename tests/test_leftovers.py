@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.types import RunMode
 
 from cnnexp.cli import output_subdir, run_dir, sweep_dir
-from tests.conftest import SMALL, run_cli
+from conftest import SMALL, run_cli
 
 
 def test_a_plain_run_resolves_the_sweep_pattern_without_creating_it(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from cnnexp.config.checks import validate_config
 from cnnexp.engine.precision import cpu_supports_bf16
 from cnnexp.errors import ConfigError
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def test_the_preset_combines_the_recipe(compose_cfg):

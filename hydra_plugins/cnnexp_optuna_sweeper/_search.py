@@ -228,21 +228,15 @@ def _in_processes(workers: list[Worker]) -> list[int]:
     return [n for ran in done for n in ran]
 
 
+# Hydra's plugin scan may load the submitit plugin's module twice, so isinstance checks
+# against its classes can fail; the executor kind each submitit launcher class names cannot.
 def _is_submitit(launcher) -> bool:
-    try:
-        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-    except ImportError:
-        return False
-    return isinstance(launcher, BaseSubmititLauncher)
+    return getattr(launcher, "_EXECUTOR", None) in ("slurm", "local")
 
 
 def _is_cluster(launcher) -> bool:
     """Trials on other nodes: the default store is then the journal file."""
-    try:
-        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-    except ImportError:
-        return False
-    return isinstance(launcher, SlurmLauncher)
+    return getattr(launcher, "_EXECUTOR", None) == "slurm"
 
 
 def _open_study(optuna, url: str, name: str, sampler, pruner, direction: str):

@@ -101,7 +101,9 @@ def _executor(launcher):
 
     from cnnexp.sweep.slurm import accounting_works, queue_watcher
 
-    cluster = "slurm" if isinstance(launcher, submitit_launcher.SlurmLauncher) else "local"
+    # Hydra's plugin scan may load the submitit plugin's module twice, so an isinstance
+    # check against its classes can fail; the executor kind each launcher class names cannot.
+    cluster = "slurm" if getattr(launcher, "_EXECUTOR", "local") == "slurm" else "local"
     if cluster == "slurm" and not accounting_works():
         SlurmJob.watcher = queue_watcher()(delay_s=600)
     params = dict(launcher.params)

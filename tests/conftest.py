@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import subprocess
 import sys
@@ -93,3 +95,35 @@ class StderrLines:
 def write_module(directory: Path, name: str, source: str) -> None:
     """A Python module a CLI run started in `directory` can name in a _target_."""
     (directory / f"{name}.py").write_text(source)
+
+
+def rows_without_timing(path: Path) -> list[dict]:
+    """metrics.csv's rows as strings, without the timing columns (which differ between equal runs)."""
+    from cnnexp.results.metrics import TIMING_COLUMNS
+
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+
+
+@pytest.fixture
+def log_handlers():
+    """A resumed run adds a handler for its cnnexp.log; the test removes what it added."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@pytest.fixture(scope="session")
+def compiled_library():
+    """Build the compiled step once for the whole session (the first build takes seconds)."""
+    from cnnexp.engine.kernels.build import BuildError, compiler, load
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the compiled step falls back to eager")
+    try:
+        return load()
+    except BuildError as err:
+        pytest.skip(f"the compiled step does not build here: {err}")

@@ -7,7 +7,6 @@ decided by the test, not by the machine's load.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 
@@ -18,25 +17,12 @@ from omegaconf import OmegaConf
 from cnnexp.data import Normalizer
 from cnnexp.engine import autotune
 from cnnexp.models import TutorialCNN
-from cnnexp.results.metrics import TIMING_COLUMNS
 from cnnexp.run.job import run_job
-from conftest import SMALL
+from conftest import SMALL, rows_without_timing
 
 SGD = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001, "momentum": 0.9,
                         "weight_decay": 0.0, "nesterov": False})
 COMPILED_LABEL = "compiled, 1 thread"
-
-
-@pytest.fixture(scope="module")
-def compiled_library():
-    from cnnexp.engine.kernels.build import BuildError, compiler, load
-
-    if compiler() is None:
-        pytest.skip("no C++ compiler on this machine: the compiled step falls back to eager")
-    try:
-        return load()
-    except BuildError as err:
-        pytest.skip(f"the compiled step does not build here: {err}")
 
 
 @pytest.fixture
@@ -120,21 +106,6 @@ RUN = [*SMALL, "data.n_train=80", "data.n_test=40", "trainer.device=cpu", "train
        "optim.lr=0.01"]
 
 
-def read_rows(path):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
-
-
-@pytest.fixture
-def log_handlers():
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-
-
 @pytest.fixture
 def compiled_steps(monkeypatch):
     """Counts the training steps the compiled stepper takes (the Engine calls step_slice)."""
@@ -177,4 +148,4 @@ def test_cpu_step_compiled_and_its_resume(compose_cfg, tmp_path, compiled_librar
     assert (resumed["kernel"], resumed["threads"], resumed["chosen_by"]) == ("compiled", 1, "checkpoint")
     assert timings.offered == []  # nothing was timed: config, then checkpoint
     assert len(compiled_steps) == 4 * 20  # 2 + 1 + 1 epochs of 20 steps, every one compiled
-    assert read_rows(split / "metrics.csv") == read_rows(whole / "metrics.csv")
+    assert rows_without_timing(split / "metrics.csv") == rows_without_timing(whole / "metrics.csv")

@@ -9,19 +9,16 @@ must agree bit for bit.
 
 from __future__ import annotations
 
-import csv
 import json
-import logging
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from cnnexp.results.metrics import TIMING_COLUMNS
 from cnnexp.run.job import run_job
 from cnnexp.run.resume import Checkpoint, restore, restore_rng_states, rng_states
-from conftest import SMALL
+from conftest import SMALL, rows_without_timing
 
 # Dropout 0.5 on the eager step: every training step draws from torch's global generator.
 DROPOUT = [*SMALL, "data.n_train=120", "data.n_test=40", "model=wide_cnn", "model.width=4", "model.dropout=0.5",
@@ -59,22 +56,6 @@ def test_restore_puts_the_checkpoints_random_states_back():
     assert draws(fresh) == expected
 
 
-def read_rows(path):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
-
-
-@pytest.fixture
-def resumed_log_handlers():
-    """A resume adds a handler for the run's cnnexp.log; the test removes what it added."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-
-
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     """The run trained 2 epochs without a stop."""
@@ -101,11 +82,11 @@ def one_epoch_then_resume(compose_cfg, tmp_path, change_checkpoint=lambda checkp
     return split
 
 
-def test_a_resumed_run_with_dropout_matches_an_uninterrupted_one(compose_cfg, tmp_path, whole, resumed_log_handlers):
+def test_a_resumed_run_with_dropout_matches_an_uninterrupted_one(compose_cfg, tmp_path, whole, log_handlers):
     split = one_epoch_then_resume(compose_cfg, tmp_path)
-    rows = read_rows(split / "metrics.csv")
+    rows = rows_without_timing(split / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert rows == read_rows(whole / "metrics.csv")  # the same strings: bitwise
+    assert rows == rows_without_timing(whole / "metrics.csv")  # the same strings: bitwise
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((split / "run.json").read_text())
@@ -114,12 +95,12 @@ def test_a_resumed_run_with_dropout_matches_an_uninterrupted_one(compose_cfg, tm
     assert json.loads((whole / "run.json").read_text())["resumed_from"] is None
 
 
-def test_the_check_can_see_a_lost_torch_state(compose_cfg, tmp_path, whole, resumed_log_handlers):
+def test_the_check_can_see_a_lost_torch_state(compose_cfg, tmp_path, whole, log_handlers):
     """Without the checkpoint's torch state the dropout masks of epoch 2 differ, and so do its numbers."""
 
     def forget_torch_state(checkpoint):
         checkpoint["rng"]["torch"] = torch.Generator().manual_seed(12345).get_state()
 
     split = one_epoch_then_resume(compose_cfg, tmp_path, forget_torch_state)
-    first, second = read_rows(split / "metrics.csv"), read_rows(whole / "metrics.csv")
+    first, second = rows_without_timing(split / "metrics.csv"), rows_without_timing(whole / "metrics.csv")
     assert first[0] == second[0] and first[1] != second[1]

@@ -136,19 +136,6 @@ def test_cuda_graph_replays_the_eager_step():
 
 
 # ----------------------------------------------------------------- the compiled step
-@pytest.fixture(scope="session")
-def compiled_library():
-    """Build the compiled step once for the whole session (the first build takes seconds)."""
-    from cnnexp.engine.kernels.build import BuildError, compiler, load
-
-    if compiler() is None:
-        pytest.skip("no C++ compiler on this machine: the compiled step falls back to eager")
-    try:
-        return load()
-    except BuildError as err:
-        pytest.skip(f"the compiled step does not build here: {err}")
-
-
 class PaddedNet(torch.nn.Sequential):
     """Another shape the compiled step takes: padded 3x3 convolutions, two in a
     row, a conv without pooling, odd pooled sizes, Linear without bias."""

@@ -5,8 +5,9 @@
 
 Both sides train the same net (cnnexp.models.Fast94Net, widths 64/256/256,
 whitening fitted once), on the same uint8 CIFAR-shaped batch, at the same
-batch size, with Nesterov SGD (lr 0.4, momentum 0.9, weight decay 5e-4 off
-norms and biases) and label smoothing 0.2, in each of four settings:
+batch size, with the preset's Nesterov SGD (lr 1.5, momentum 0.85, weight decay
+0.00133; the batch-norm shifts at 64x the rate) and label smoothing 0.2, in each
+of four settings:
 float32, float32 + channels_last, bf16 autocast, bf16 + channels_last.
 
     cnnexp   engine.steppers.Stepper with the preset's StepOptions, FlatSGD,
@@ -38,6 +39,7 @@ from cnnexp.engine.steppers import Stepper
 from cnnexp.models import Fast94Net
 
 SETTINGS = [("fp32", "32", False), ("fp32+CL", "32", True), ("bf16", "bf16", False), ("bf16+CL", "bf16", True)]
+LR, MOMENTUM, WEIGHT_DECAY = 1.5, 0.85, 0.00133  # conf/experiment/fast94.yaml
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -50,7 +52,7 @@ def fresh_net(channels_last: bool, images: torch.Tensor, normalize: Normalizer) 
 
 def cnnexp_step(precision: str, channels_last: bool, x, y, normalize):
     net = fresh_net(channels_last, x, normalize)
-    opt = FlatSGD(net, lr=0.4, momentum=0.9, weight_decay=5e-4, nesterov=True, decay_norm_and_bias=False)
+    opt = FlatSGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
     options = StepOptions(precision=precision, channels_last=channels_last, label_smoothing=0.2)
     stepper = Stepper(net, opt, x.shape[0], 10, x.shape[0], x.device, normalize, options=options)
     return lambda: stepper.step(x, y, row=0)
@@ -58,10 +60,12 @@ def cnnexp_step(precision: str, channels_last: bool, x, y, normalize):
 
 def plain_step(precision: str, channels_last: bool, x, y, normalize):
     net = fresh_net(channels_last, x, normalize)
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=0.4, momentum=0.9, nesterov=True)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    scaled = [p for p in trained if hasattr(p, "lr_scale")]
+    rest = [p for p in trained if not hasattr(p, "lr_scale")]
+    scale = scaled[0].lr_scale
+    opt = torch.optim.SGD([{"params": rest}, {"params": scaled, "lr": LR * scale, "weight_decay": WEIGHT_DECAY / scale}],
+                          lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
 

@@ -2,11 +2,12 @@
 
     python benchmarks/bench_startup.py                     # 3 interleaved rounds
     python benchmarks/bench_startup.py --repeats 5 --n-train 20000
-    python benchmarks/bench_startup.py --only run          # run | sweep | search
+    python benchmarks/bench_startup.py --only run          # run | run_background | sweep | search
 
 Each round runs, one after the other: `python -c "import torch"` (the
-reference line), a plain run, a 4-job sweep (basic launcher) and a 4-trial
-Optuna search, all on synthetic data. The wall time of each command is taken
+reference line), a plain run, the same run with its figures drawn in the
+background (trainer.plots_in_background=true), a 4-job sweep (basic launcher)
+and a 4-trial Optuna search, all on synthetic data. The wall time of each command is taken
 here, outside cnnexp, from before the process starts to after it exits. The
 phases inside are marked by a `sitecustomize` module put on the child's
 PYTHONPATH (cnnexp itself is not changed for this): it appends a time stamp to
@@ -206,7 +207,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--only", choices=["run", "sweep", "search"], action="append",
+    parser.add_argument("--only", choices=["run", "run_background", "sweep", "search"], action="append",
                         help="run only these scenarios (repeatable)")
     parser.add_argument("--tree", action="append", default=[],
                         help="a cnnexp source tree to time instead of the installed one (repeatable: the "
@@ -229,6 +230,9 @@ def main() -> None:
         launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if args.launcher == "joblib" else []
         scenarios = {
             "run": lambda d: [sys.executable, "-m", "cnnexp", *common, f"hydra.run.dir={d}"],
+            # the same run, its figures drawn by a background process (trainer.plots_in_background)
+            "run_background": lambda d: [sys.executable, "-m", "cnnexp", *common, f"hydra.run.dir={d}",
+                                         "trainer.plots_in_background=true"],
             "sweep": lambda d: [sys.executable, "-m", "cnnexp", "-m", *common, "optim.lr=0.0005,0.001,0.002,0.005",
                                 f"hydra.sweep.dir={d}", *launcher],
             "search": lambda d: [sys.executable, "-m", "cnnexp", "-m", *common, "hydra/sweeper=optuna",

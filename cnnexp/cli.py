@@ -30,20 +30,39 @@ def config_dir() -> str:
     raise RuntimeError(f"cnnexp's config files are missing (looked in {here / 'conf'} and {here.parent / 'conf'}).")
 
 
+# The directories unique_dir made, parents first: any still empty at exit
+# (a command refused after Hydra resolved its output dir) are removed again.
+_made_dirs: list[Path] = []
+
+
 def unique_dir(path: str) -> str:
     """Create `path`, or `path-1`, `path-2`, ... if another run already took it.
 
     os.mkdir is atomic, so two runs started in the same second never share a
     directory. Hydra caches the result per config, so each run asks once."""
     candidate, n = Path(path), 0
+    parents = [p for p in (candidate.parent, *candidate.parent.parents) if not p.exists()]
     candidate.parent.mkdir(parents=True, exist_ok=True)
+    _made_dirs.extend(reversed(parents))
     while True:
         try:
             candidate.mkdir()
+            _made_dirs.append(candidate)
             return str(candidate)
         except FileExistsError:
             n += 1
             candidate = Path(f"{path}-{n}")
+
+
+@atexit.register
+def remove_unused_dirs() -> None:
+    """A refused command leaves no empty output dir (rmdir removes only empty ones)."""
+    for path in reversed(_made_dirs):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+    _made_dirs.clear()
 
 
 def _is(mode, wanted: RunMode) -> bool:
@@ -176,7 +195,37 @@ def check_override_syntax(arguments: list[str]) -> None:
             raise SystemExit(2) from None
 
 
+def check_override_keys(arguments: list[str]) -> None:
+    """A key the schema does not have (trainer.nosuchkey=1): one line naming the closest
+    real key, exit 2, before Hydra's struct-mode error and its advice to add it with `+`."""
+    from cnnexp.config.keys import unknown_override
+
+    message = unknown_override(arguments)
+    if message:
+        print(f"cnnexp: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def stopped_sweep_hint() -> str:
+    """What to do after Ctrl-C stopped a command in Hydra's own code (a parallel
+    launcher waiting on its workers): each job has saved its checkpoint."""
+    from cnnexp.run.signals import ParallelSweepStop
+
+    sweep = ParallelSweepStop.sweep_dir  # set once a sweep has started
+    if sweep is None:
+        return "cnnexp: stopped (Ctrl-C)."
+    from cnnexp.run.resume import override_text
+
+    return ("cnnexp: stopped (Ctrl-C); the jobs that completed are kept and the stopped ones saved a checkpoint. "
+            f"To continue the sweep, run the same command with {override_text('hydra.sweep.dir', sweep)}")
+
+
 def main() -> None:
     check_override_syntax(sys.argv[1:])
+    check_override_keys(sys.argv[1:])
     compose_once()
-    hydra_entry()
+    try:
+        hydra_entry()
+    except KeyboardInterrupt:  # one line instead of the launcher's traceback
+        print(stopped_sweep_hint(), file=sys.stderr)
+        raise SystemExit(130) from None

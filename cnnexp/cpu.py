@@ -14,8 +14,6 @@ import os
 import platform
 from pathlib import Path
 
-import torch
-
 
 def available_cores() -> int:
     """Cores this process may run on (its affinity set: a cluster job or
@@ -97,6 +95,8 @@ def thread_plan(num_threads: int | None, batch_size: int) -> tuple[int, int]:
 @contextlib.contextmanager
 def cpu_settings(threads: int | None, onednn: bool | None = None):
     """Temporarily set torch's CPU thread count and oneDNN use."""
+    import torch  # here: the rest of this module serves processes that never load torch (cnnexp.plot)
+
     old_threads, old_onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     if threads:
         torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                           "data.root=PATH); trainer.eval_batch_size, trainer.num_threads")
     cli.add_argument("--tta", choices=TTA_CHOICES,
                      help="test-time augmentation: flip averages the logits of each image and its mirror image, "
-                          "flip_translate adds both shifted by a pixel (default: the run's trainer.tta)")
+                          "flip_translate adds both shifted by a pixel each way (default: the run's trainer.tta)")
     cli.add_argument("--split", default="test", choices=SPLITS, help="the run's own split to evaluate on")
     cli.add_argument("--name", help="the folder under RUN_DIR/evaluations/ (default: from the data and weights)")
     args = cli.parse_intermixed_args(argv)  # overrides before or after the options

@@ -143,10 +143,30 @@ class PatchWhitening(nn.Module):
         return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
-def _fast_block(c_in: int, c_out: int) -> nn.Sequential:
+def _identity_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """A 3x3 convolution whose first c_in filters start as the identity (the rest
+    as usual): the net begins close to passing its input through, which trains
+    faster in a short schedule."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(c_in, c_out)])
+    return conv
+
+
+def _fast_norm(channels: int, bias_lr_scale: float) -> nn.BatchNorm2d:
+    """Batch norm with a fixed unit scale and a trainable shift whose learning
+    rate is bias_lr_scale times the rest (read by engine/optimizers.py), and
+    running statistics that follow the last few batches (momentum 0.4)."""
+    norm = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)
+    norm.weight.requires_grad_(False)
+    norm.bias.lr_scale = float(bias_lr_scale)
+    return norm
+
+
+def _fast_block(c_in: int, c_out: int, bias_lr_scale: float) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU(),
+        _identity_conv(c_in, c_out), nn.MaxPool2d(2), _fast_norm(c_out, bias_lr_scale), nn.GELU(),
+        _identity_conv(c_out, c_out), _fast_norm(c_out, bias_lr_scale), nn.GELU(),
     )
 
 
@@ -154,14 +174,18 @@ class Fast94Net(nn.Module):
     """The small net of the fastest known CIFAR-10 recipe: patch whitening,
     three blocks (conv, max-pool, batch norm, GELU, conv, batch norm, GELU)
     of `widths` channels, a global max-pool and a bias-free linear head whose
-    output is scaled down (1/9) so that early logits stay small."""
+    output is scaled down (1/9) so that early logits stay small. Convolutions
+    start identity-like; batch norms keep a unit scale and train their shifts
+    at norm_bias_lr_scale times the learning rate."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths=(64, 256, 256), scale: float = 1 / 9):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths=(64, 256, 256), scale: float = 1 / 9,
+                 norm_bias_lr_scale: float = 64.0):
         super().__init__()
         self.whiten = PatchWhitening(in_channels)
         w1, w2, w3 = (int(w) for w in widths)
-        self.blocks = nn.Sequential(_fast_block(self.whiten.out_channels, w1), _fast_block(w1, w2),
-                                    _fast_block(w2, w3))
+        c_in = self.whiten.out_channels
+        self.blocks = nn.Sequential(*(_fast_block(a, b, norm_bias_lr_scale)
+                                      for a, b in ((c_in, w1), (w1, w2), (w2, w3))))
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.scale = scale
 

@@ -3,6 +3,7 @@
     python -m cnnexp.plot RUN_DIR      the run's plots/ (metrics, confusion matrix, ...)
     python -m cnnexp.plot SWEEP_DIR    every job's plots, summary.csv and the comparison plots
     python -m cnnexp.plot RUN_DIR --against-original   also test accuracy beside the original experiment's
+    python -m cnnexp.plot RUN_DIR --plots final        only plots/overview.png (trainer.plots's choices)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="a run directory or a sweep (multirun) directory")
     parser.add_argument("--against-original", action="store_true",
                         help="add plots/test_acc_vs_original.png (the tutorial experiment's published range)")
+    parser.add_argument("--plots", choices=("all", "final"), default="all",
+                        help="every figure (default), or only plots/overview.png")
     args = parser.parse_args(argv)
     path: Path = args.directory
     if not path.is_dir():
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if any((path / marker).exists() for marker in RUN_MARKERS):
-            return plot_run(path, args.against_original)
+            return plot_run(path, args.against_original, args.plots)
         if is_sweep_dir(path):
             return plot_sweep(path)
     except CnnexpError as err:  # a full disk, say
@@ -46,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def plot_run(path: Path, against_original: bool) -> int:
+def plot_run(path: Path, against_original: bool, plots: str = "all") -> int:
     problems: list[str] = []
-    written = render_run(path, problems)
+    written = render_run(path, problems, plots=plots)
     if against_original:
         metrics, _ = read_metrics(path / METRICS_FILE)
         if metrics is not None and "test_acc" in metrics:

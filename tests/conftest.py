@@ -48,10 +48,12 @@ def run_cli(args, cwd: Path, module: str = "cnnexp", timeout: float = 300, env: 
                           timeout=timeout, env=full_env, **kw)
 
 
-def start_cli(args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+def start_cli(args, cwd: Path, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """`python -m cnnexp ARGS` started in cwd; new_session: in its own process group, as a
+    terminal's foreground command is, so that os.killpg reaches it and its workers."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "cnnexp", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full_env)
+                            stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=new_session)
 
 
 def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:

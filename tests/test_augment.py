@@ -78,8 +78,27 @@ def test_the_engine_augments_training_batches_only():
 
 def test_tta_views_weigh_up_to_one_and_include_the_mirror():
     batch = torch.randn(2, 3, 8, 8)
-    for mode, count in (("none", 1), ("flip", 2), ("flip_translate", 4)):
+    for mode, count in (("none", 1), ("flip", 2), ("flip_translate", 6)):
         views = tta_views(batch, mode)
         assert len(views) == count and abs(sum(w for _, w in views) - 1) < 1e-9
         assert all(v.shape == batch.shape for v, _ in views)
     assert torch.equal(tta_views(batch, "flip")[1][0], batch.flip(3))
+    shifted = tta_views(batch, "flip_translate")[2][0]  # down-right by one pixel, the border reflected
+    assert torch.equal(shifted[:, :, 1:, 1:], batch[:, :, :-1, :-1])
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch_wherever_it_lands():
+    x = images(300)
+    aug = Augment(flip=True, alternate_flip=True)
+    g = torch.Generator().manual_seed(3)
+    perms = [torch.randperm(300, generator=g) for _ in range(3)]
+    flipped = []
+    for epoch, perm in enumerate(perms, start=1):
+        out = aug(x[perm], seed=5, epoch=epoch, index=perm)
+        mirrored = torch.empty(300, dtype=torch.bool)
+        mirrored[perm] = (out == x[perm].flip(3)).flatten(1).all(1)  # back in the training set's order
+        flipped.append(mirrored)
+    assert 100 < int(flipped[0].sum()) < 200  # a coin toss per image to start
+    assert bool((flipped[1] == ~flipped[0]).all()) and torch.equal(flipped[2], flipped[0])
+    assert torch.equal(aug(x[perms[0]], 5, 1, index=perms[0]), aug(x[perms[0]], 5, 1, index=perms[0]))
+    assert aug.describe() == "alternating flip"

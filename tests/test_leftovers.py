@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hydra.types import RunMode
 
-from cnnexp.cli import output_subdir, run_dir, sweep_dir
+from cnnexp.cli import output_subdir, remove_unused_dirs, run_dir, sweep_dir, unique_dir
 from conftest import SMALL, run_cli
 
 
@@ -55,3 +56,19 @@ def test_runs_and_resumes_create_only_the_directories_they_use(tmp_path):
     assert (run / "metrics.csv").read_text().count("\n") == 3  # header and both epochs
     log = (run / "cnnexp.log").read_text()
     assert "epoch 1/1" in log and "epoch 2/2" in log  # one log, going on
+
+
+def test_a_refused_search_leaves_no_sweep_dir(tmp_path):
+    pytest.importorskip("optuna")
+    refused = run_cli(["-m", "hydra/sweeper=optuna", *SMALL, "optim.lr=0.01"], cwd=tmp_path)
+    assert refused.returncode == 2 and "Nothing to search" in refused.stderr, refused.stderr
+    assert sorted(os.listdir(tmp_path)) == []  # neither multirun/<date>/<time>/ nor multirun/
+
+
+def test_directories_made_for_an_output_dir_are_removed_at_exit_while_empty(tmp_path):
+    used = Path(unique_dir(str(tmp_path / "a" / "b" / "used")))
+    assert Path(unique_dir(str(tmp_path / "c" / "d"))).is_dir()
+    (used / "metrics.csv").write_text("epoch\n")
+    remove_unused_dirs()
+    assert (used / "metrics.csv").is_file()
+    assert not (tmp_path / "c").exists() and sorted(os.listdir(tmp_path)) == ["a"]

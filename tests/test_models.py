@@ -72,3 +72,18 @@ def test_fast94_whitening_decorrelates_the_patches_it_was_fitted_on():
     cov = torch.cov(flat.T)
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_fast94_norms_keep_a_unit_scale_and_train_their_shifts_faster_from_an_identity_like_start():
+    from cnnexp.models import Fast94Net
+
+    model = Fast94Net(widths=(8, 16, 16), norm_bias_lr_scale=32.0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert all(not n.weight.requires_grad and torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+    assert all(n.bias.requires_grad and n.bias.lr_scale == 32.0 and n.momentum == 0.4 for n in norms)
+    assert not any(hasattr(p, "lr_scale") for n, p in model.named_parameters() if "weight" in n)
+    # A 3x3 conv of the second block starts by passing its first 8 channels through.
+    conv = model.blocks[1][0]
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(conv(x)[:, :8], x)

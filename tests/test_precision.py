@@ -130,6 +130,42 @@ def test_weight_decay_can_skip_norms_and_biases():
                 assert torch.allclose(p, before[name] * 0.9), name
 
 
+def test_a_parameter_tagged_with_lr_scale_learns_faster_with_the_same_decay_per_step():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.5, "momentum": 0.85,
+                            "nesterov": True, "weight_decay": 0.01})
+    x, y = batch(16)
+    results = {}
+    for fast_path in (True, False):
+        torch.manual_seed(0)
+        model = small_net()
+        shifts = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for p in shifts:
+            p.lr_scale = 8.0
+        opt = build_optimizer(cfg, model, fast_path=fast_path)
+        assert isinstance(opt, FlatSGD if fast_path else TorchOptimizer)
+        for step in range(3):
+            opt.set_lr(0.5 * (step + 1) / 3)  # a schedule moves the scaled group along with the rest
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        results[fast_path] = [p.detach().clone() for p in model.parameters()]
+        assert opt.lr == 0.5  # the base rate, not a scaled one
+
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[True], results[False]))
+    # With zero gradients, one step moves a scaled parameter by lr * weight_decay, as any other.
+    model = small_net()
+    p = next(m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    p.lr_scale = 8.0
+    with torch.no_grad():
+        p.fill_(1.0)
+    opt = build_optimizer(OmegaConf.merge(cfg, {"momentum": 0.0, "nesterov": False}), model, fast_path=True)
+    opt.zero_grad()
+    opt.step()
+    assert torch.allclose(p, torch.full_like(p, 1 - 0.5 * 0.01))
+
+
 # ----------------------------------------------------------------- schedules
 def test_the_per_epoch_schedules_are_unchanged():
     s = Schedule(0.1, "cosine", 4, 10)

@@ -17,10 +17,14 @@ def test_the_preset_combines_the_recipe(compose_cfg):
     assert cfg.model._target_ == "cnnexp.models.Fast94Net"
     assert (cfg.augment.flip, cfg.augment.translate, cfg.augment.cutout) == (True, 2, 0)
     assert cfg.data.batch_size == 1024 and cfg.optim.nesterov
+    # The paper's summed-loss settings in cnnexp's mean-loss units (conf/experiment/fast94.yaml says how).
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (1.5, 0.85, 0.00133)
+    assert cfg.model.norm_bias_lr_scale == 64.0
     t = cfg.trainer
     assert (t.label_smoothing, t.precision, t.channels_last, t.tta) == (0.2, "bf16", True, "flip_translate")
     assert t.lr_schedule == "linear" and t.warmup_epochs > 0 and 0 < t.ema_decay < 1
-    assert not t.decay_norm_and_bias
+    assert cfg.augment.alternate_flip and not t.tta_each_epoch
+    assert t.decay_norm_and_bias  # as in the paper: the scaled-up shifts decay at the same rate per step
 
 
 def test_the_defaults_stay_the_original_experiment(compose_cfg):
@@ -42,6 +46,7 @@ def test_the_defaults_stay_the_original_experiment(compose_cfg):
     (["data=cifar10", "data.n_train=60000"], "data.n_train=60000 is not allowed"),
     (["data.batch_size=500"], "data.batch_size=500 is larger than the training set (400 images)"),
     (["data.batch_size=380", "data.val_size=0.1"], "larger than the training set (360 images)"),
+    (["augment.alternate_flip=true"], "augment.alternate_flip=true changes how images are flipped, but augment.flip"),
 ])
 def test_bad_inputs_are_one_line_naming_the_key(compose_cfg, overrides, message):
     cfg = compose_cfg(["data=synthetic", "data.n_train=400", *overrides])
@@ -67,10 +72,22 @@ def test_a_tiny_run_of_the_recipe_trains_and_records_its_options(tmp_path):
                       f"trainer.precision={precision}", "trainer.early_stopping.patience=5",
                       "trainer.progress=none", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "augment: flip, translate 2, EMA 0.98" in result.stderr
+    assert "augment: alternating flip, translate 2, EMA 0.98" in result.stderr
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
     lrs = [float(r.split(",")[5]) for r in rows[1:]]
     assert lrs[0] < lrs[1]  # warmup: the second epoch starts at a higher rate
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["early_stopping"]["stopped_at_epoch"] is None
+
+
+@pytest.mark.parametrize("each_epoch, expected", [(True, ["flip", "flip", "flip"]), (False, ["none", "none", "flip"])])
+def test_tta_in_every_evaluation_or_in_the_last_epochs_only(each_epoch, expected):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from cnnexp.run.loop import EpochLoop
+
+    loop = SimpleNamespace(t_cfg=OmegaConf.create({"tta": "flip", "tta_each_epoch": each_epoch, "max_epochs": 3}))
+    assert [EpochLoop.tta_in(loop, epoch) for epoch in (1, 2, 3)] == expected

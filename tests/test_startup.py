@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 import cnnexp.data as datasets
 from cnnexp import figures
 from cnnexp.cli import compose_once, mode_from_command_line
+from conftest import SMALL, run_cli
 
 # Imported by a plain run only where it is used (figures, summaries, searches, trackers).
 HEAVY = ("matplotlib", "pandas", "optuna", "mlflow", "tensorboard", "torch._dynamo", "sklearn")
@@ -170,3 +172,24 @@ def test_the_sample_mosaic_puts_each_image_in_its_cell():
         top, left = r * 3 + 1, c * 5 + 1
         assert (mosaic[top:top + 2, left:left + 3] == k + 1).all()
     assert (mosaic[0] == 255).all() and (mosaic[6:, 5:] == 255).all()  # caption rows, the empty last cell
+
+
+def test_figures_drawn_in_the_background_appear_after_the_command_returns(tmp_path):
+    run = tmp_path / "run"
+    done = run_cli([*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run}", "trainer.plots_in_background=true"],
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"  # written before it returned
+    expected = {"train_loss", "test_loss", "train_acc", "test_acc", "overview", "confusion_matrix",
+                "per_class_accuracy", "predictions"}
+    deadline = time.monotonic() + 120
+    while "Rendered" not in (run / "cnnexp.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Rendered 8 figures" in (run / "cnnexp.log").read_text()  # the background process's own line
+    assert {p.stem for p in (run / "plots").glob("*.png")} == expected
+
+
+def test_the_plot_command_does_not_load_torch():
+    code = "import sys, cnnexp.plot; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

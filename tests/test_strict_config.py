@@ -4,11 +4,13 @@ for runs, sweeps and searches; keys a `_target_` takes are checked against its s
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 
 from cnnexp.config.checks import check_unknown_keys, closest_key, unknown_keys, validate_config
+from cnnexp.config.keys import unknown_override
 from cnnexp.config.targets import check_all_targets
 from cnnexp.errors import ConfigError
 from conftest import run_cli
@@ -88,3 +90,37 @@ def test_runs_sweeps_and_searches_stop_before_any_job_with_one_line_and_exit_2(t
     key = "data.noise" if "++data.noise=0.5" in args else "trainer.amp"
     assert errors[0].startswith(f"error: {key}: no such key") or f"] error: {key}: no such key" in errors[0]
     assert not (tmp_path / "sweep" / "0").exists()  # no job ran
+
+
+# ------------------------------------------------------------------ before Hydra: a key without `+`
+@pytest.mark.parametrize("args, message", [
+    (["trainer.epochs=3"], "trainer.epochs: no such key in trainer, .* the closest key is trainer.max_epochs "),
+    (["data.batchsize=8"], "the closest key is data.batch_size "),
+    (["nmae=x"], "nmae: no such key at the top level, .* the closest key is name "),
+    (["trainer.early_stopping.patiense=2"], "the closest key is trainer.early_stopping.patience "),
+    (["data=cifar10", "data.noise=0.5"], r"data.noise: no such key in data=cifar10 \(it is a key of data=synthetic"),
+    (["logger=tensorboard", "logger.zzz=1"], "the keys in logger are: tensorboard, mlflow"),
+])
+def test_a_mistyped_key_on_the_command_line_is_named_before_hydra_composes(args, message):
+    found = unknown_override(args)
+    assert found is not None and re.search(message, found), found
+
+
+@pytest.mark.parametrize("args", [
+    ["data=synthetic", "data.noise=0.5", "model=wide_cnn", "optim=adam", "optim.betas=[0.9,0.99]"],
+    ["+trainer.amp=true"],  # added keys: checked once composed (above)
+    ["+experiment=fast94", "model.anything=1"],  # a preset may choose other options: left to the composed check
+    ["model=tutorial_cnn,wide_cnn", "model.widths=[8,8,8]"],  # a sweep over options
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.mean.0=0.5", "name=x", "tags=[a]", "logger=all"],
+])
+def test_keys_the_schema_has_or_cannot_judge_pass_the_command_line_check(args):
+    assert unknown_override(args) is None
+
+
+def test_the_command_refuses_a_mistyped_key_with_one_line_and_exit_2(tmp_path):
+    result = run_cli(["trainer.max_epoch=3"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cnnexp: error: trainer.max_epoch: no such key in trainer, so nothing in cnnexp would read it; the closest "
+        "key is trainer.max_epochs (remove trainer.max_epoch, or set trainer.max_epochs instead)."]
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -152,6 +152,22 @@ def test_joblib_launcher_runs_jobs_at_once_with_their_share_of_the_cores(tmp_pat
 
 
 @pytest.mark.slow
+def test_ctrl_c_on_a_joblib_sweep_is_one_hint_and_the_sweep_continues(tmp_path):
+    args = [*SWEEP, "trainer.max_epochs=30", "optim.lr=0.001,0.01", "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep", "trainer.device=cpu"]
+    proc = start_cli(args, cwd=tmp_path, new_session=True)
+    wait_for_rows(tmp_path / "sweep" / "0" / "metrics.csv", 1, proc)
+    wait_for_rows(tmp_path / "sweep" / "1" / "metrics.csv", 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "the sweep, run the same command with\n  hydra.sweep.dir=" in stderr, stderr[-3000:]
+    statuses = [json.loads((tmp_path / "sweep" / j / "run.json").read_text())["status"] for j in ("0", "1")]
+    assert statuses == ["interrupted", "interrupted"]
+
+
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_real_jobs(tmp_path):
     result, sweep_dir = sweep(tmp_path, "optim.lr=0.001,0.01", "hydra/launcher=submitit_local")
     assert result.returncode == 0, result.stderr

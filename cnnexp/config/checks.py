@@ -13,7 +13,6 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import os
 import re
@@ -26,7 +25,8 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.config.schema import SCHEMAS, Config, field_checks
+from cnnexp.config.keys import closest_key, unknown_key_text  # noqa: F401 - closest_key: the checks' API
+from cnnexp.config.schema import Config, field_checks
 from cnnexp.config.targets import check_all_targets
 from cnnexp.config.training import check_training_options
 from cnnexp.data import check_val_size
@@ -120,46 +120,8 @@ def known_keys(cfg: DictConfig) -> list[str]:
 
 
 def unknown_key_message(key: str, cfg: DictConfig) -> str:
-    parent, _, name = key.rpartition(".")
-    where = f"in {parent}" if parent else "at the top level"
-    group = key.split(".")[0]
-    nested = key.count(".") > 1
-    others = [option for option, node in SCHEMAS.get(group, {}).items()
-              if not nested and name in {f.name for f in dataclasses.fields(node)}]
-    if others and parent == group:  # a key of another option of the same group
-        choice = OmegaConf.select(cfg, f"{group}.name", default=None)
-        this = f"{group}={choice}" if isinstance(choice, str) else f"this {group} option"
-        return (f"{key}: no such key in {this} (it is a key of {group}={others[0]}), so nothing in cnnexp would "
-                f"read it; choose {group}={others[0]} or remove it.")
-    head = f"{key}: no such key {where}, so nothing in cnnexp would read it"
-    known = known_keys(cfg)
-    closest = closest_key(key, known)
-    if closest:
-        return f"{head}; the closest key is {closest} (remove {key}, or set {closest} instead)."
-    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-    return f"{head}; the keys {where} are: {', '.join(siblings)}."
-
-
-# Names other training tools use for a key cnnexp spells differently.
-OTHER_NAMES = {"amp": "trainer.precision", "fp16": "trainer.precision", "bf16": "trainer.precision",
-               "epochs": "trainer.max_epochs", "num_epochs": "trainer.max_epochs", "lr": "optim.lr",
-               "learning_rate": "optim.lr", "batch_size": "data.batch_size", "patience": "trainer.early_stopping.patience",
-               "augmentation": "augment", "run_name": "name", "tag": "tags", "description": "notes"}
-
-
-def closest_key(key: str, known: list[str]) -> str | None:
-    """The real key a mistyped one most likely meant: beside it, under another tool's
-    name for it, or anywhere with the same last part."""
-    parent, _, name = key.rpartition(".")
-    beside = {k[len(parent) + 1:] if parent else k: k for k in known if not parent or k.startswith(parent + ".")}
-    match = difflib.get_close_matches(name, list(beside), n=1, cutoff=0.6)
-    if match:
-        return beside[match[0]]
-    if OTHER_NAMES.get(name) in known:
-        return OTHER_NAMES[name]
-    by_name = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] != parent}
-    match = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.8)
-    return by_name[match[0]] if match else None
+    choice = OmegaConf.select(cfg, f"{key.split('.')[0]}.name", default=None)
+    return unknown_key_text(key, known_keys(cfg), choice if isinstance(choice, str) else None)
 
 
 class SweepKeysCheck(Callback):

@@ -83,6 +83,8 @@ class Fast94NetConfig:
     _target_: str = "cnnexp.models.Fast94Net"  # patch-whitening stem, three conv blocks, batch norm, GELU
     widths: list[int] = key([64, 256, 256], lambda v: len(v) == 3 and all(w >= 1 for w in v),
                             "three block widths >= 1")
+    # the batch-norm shifts learn this many times faster (their weight decay is divided by it)
+    norm_bias_lr_scale: float = key(64.0, lambda v: v > 0, "a factor > 0")
 
 
 # ---------------------------------------------------------------- optimisers
@@ -160,6 +162,8 @@ class ImageFolderConfig(DataConfig):
 @dataclass
 class AugmentConfig:
     flip: bool = False  # random horizontal flip
+    # with flip: each image mirrored in every other epoch (from a random start) instead of a coin toss per epoch
+    alternate_flip: bool = False
     translate: int = key(0, lambda v: 0 <= v <= 16, "a shift of 0..16 pixels")  # random crop with this padding
     cutout: int = key(0, lambda v: 0 <= v <= 32, "a square side of 0..32 pixels")  # one zeroed square
 
@@ -198,11 +202,15 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (eager step only)
     tta: str = key("none", choices=("none", "flip", "flip_translate"))  # test-time augmentation
+    # false: the test-time augmentation only in the last epoch's evaluation (the earlier rows without it)
+    tta_each_epoch: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: str | None = None  # a run dir or a checkpoint file to continue from
     progress: str = key("auto", choices=("auto", "bar", "log", "none"), resumable=True)
     # the figures drawn at the end: every one, only plots/overview.png, or none (python -m cnnexp.plot draws them later)
     plots: str = key("all", choices=("all", "final", "none"), resumable=True)
+    # true: a background process draws them after the command returns (a second or two later)
+    plots_in_background: bool = key(False, resumable=True)
     log_every_steps: int = key(2000, at_least(1), "must be >= 1", resumable=True)
     checkpoint: bool = True
     # what the run returns to a sweeper (results/objective.py); it does not change how the run trains

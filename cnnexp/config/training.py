@@ -27,6 +27,10 @@ def check_training_options(cfg: DictConfig, device_type: str) -> None:
         raise ConfigError(problem)
     check_early_stopping(t_cfg, cfg.data)
     check_sizes(cfg.data)
+    augment = cfg.get("augment") or {}
+    if augment.get("alternate_flip", False) and not augment.get("flip", False):
+        raise ConfigError("augment.alternate_flip=true changes how images are flipped, but augment.flip is false: "
+                          "add augment.flip=true (or use augment=flip_crop).")
 
 
 def check_early_stopping(t_cfg: DictConfig, data_cfg: DictConfig) -> None:

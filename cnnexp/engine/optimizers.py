@@ -10,6 +10,10 @@ class named by the config's `_target_` (TorchOptimizer).
 With decay_norm_and_bias=False, weight decay skips every parameter of one
 dimension or less (biases, batch-norm scales and shifts): decaying those
 only fights the normalisation.
+
+A model may tag a parameter with an `lr_scale` attribute (models.Fast94Net
+does, on its batch-norm shifts): that parameter's learning rate is multiplied
+by it and its weight decay divided by it, so the decay per step stays the same.
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ class FlatSGD:
                 # views keep every gradient inside self.grads.
                 p.grad = view(self.grads[offset : offset + n], p)
                 offset += n
-        # 1 where weight decay applies, 0 on biases and norm parameters; None: everywhere
-        self.decay_mask = None if decay_norm_and_bias else torch.cat(
-            [torch.full((p.numel(),), float(not is_norm_or_bias(p)), device=device, dtype=dtype) for p in params])
+        # Per element: the weight decay factor (0 on skipped norms and biases, 1/lr_scale) and the
+        # learning-rate factor; None where every element has 1.
+        decay = [float(decay_norm_and_bias or not is_norm_or_bias(p)) / lr_scale(p) for p in params]
+        scale = [lr_scale(p) for p in params]
+        self.decay_mask = None if all(d == 1.0 for d in decay) else _per_element(params, decay)
+        self.lr_scale = None if all(c == 1.0 for c in scale) else _per_element(params, scale)
         self.momentum_buffer = torch.zeros_like(self.params) if momentum else None
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self.capturable = capturable
@@ -79,6 +86,8 @@ class FlatSGD:
             # A zero buffer makes the first step buf = g, as torch.optim.SGD does.
             self.momentum_buffer.mul_(self.momentum).add_(g)
             g = g.add(self.momentum_buffer, alpha=self.momentum) if self.nesterov else self.momentum_buffer
+        if self.lr_scale is not None:
+            g = g * self.lr_scale
         if self.capturable:
             self.params.addcmul_(g, self.lr_tensor, value=-1.0)
         else:
@@ -96,6 +105,15 @@ class FlatSGD:
         self.set_lr(state["lr"])
         if self.momentum_buffer is not None and state["momentum_buffer"] is not None:
             self.momentum_buffer.copy_(state["momentum_buffer"])
+
+
+def lr_scale(p: torch.Tensor) -> float:
+    return float(getattr(p, "lr_scale", 1.0))
+
+
+def _per_element(params: list[torch.Tensor], factors: list[float]) -> torch.Tensor:
+    p0 = params[0]
+    return torch.cat([torch.full((p.numel(),), f, device=p0.device, dtype=p0.dtype) for p, f in zip(params, factors)])
 
 
 def _is_channels_last(p: torch.Tensor) -> bool:
@@ -119,12 +137,16 @@ class TorchOptimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.lr = float(optimizer.param_groups[0]["lr"])
+        self.lr = self._base_lr()
+
+    def _base_lr(self) -> float:
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"]) / group.get("lr_scale", 1.0)
 
     def set_lr(self, lr: float) -> None:
         self.lr = float(lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +159,7 @@ class TorchOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["state"])
-        self.lr = float(self.optimizer.param_groups[0]["lr"])
+        self.lr = self._base_lr()
 
 
 def is_norm_or_bias(p: torch.Tensor) -> bool:
@@ -151,10 +173,15 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module, fast_path: bool, ca
         return FlatSGD(model, lr=optim_cfg.lr, momentum=optim_cfg.get("momentum", 0.0),
                        weight_decay=optim_cfg.get("weight_decay", 0.0), nesterov=optim_cfg.get("nesterov", False),
                        capturable=capturable, decay_norm_and_bias=decay_norm_and_bias)
-    if decay_norm_and_bias:
-        return TorchOptimizer(instantiate(optim_cfg)(model.parameters()))
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if not is_norm_or_bias(p)]},
-              {"params": [p for p in params if is_norm_or_bias(p)], "weight_decay": 0.0}]
-    return TorchOptimizer(instantiate(optim_cfg)([g for g in groups if g["params"]]))
-
+    if decay_norm_and_bias and all(lr_scale(p) == 1.0 for p in params):
+        return TorchOptimizer(instantiate(optim_cfg)(model.parameters()))
+    # One group per (decayed, lr scale): torch.optim multiplies a group's lr and weight decay.
+    groups: dict[tuple[bool, float], list] = {}
+    for p in params:
+        groups.setdefault((decay_norm_and_bias or not is_norm_or_bias(p), lr_scale(p)), []).append(p)
+    weight_decay = float(optim_cfg.get("weight_decay", 0.0))
+    return TorchOptimizer(instantiate(optim_cfg)(
+        [{"params": ps, "lr": optim_cfg.lr * scale, "lr_scale": scale,
+          "weight_decay": weight_decay / scale if decayed else 0.0}
+         for (decayed, scale), ps in groups.items()]))

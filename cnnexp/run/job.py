@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -91,6 +93,7 @@ class Job:
         self.checkpoint = checkpoint
         self.device = resolve_device(cfg.trainer.device)
         self.plots = cfg.trainer.get("plots", "all")  # a checkpoint from before trainer.plots draws all
+        self.plots_in_background = bool(cfg.trainer.get("plots_in_background", False))
         self.objective = objective_of(cfg)
         fields = dict(overrides=overrides, command=" ".join(["cnnexp", *sys.argv[1:]]), device=str(self.device),
                       device_name=device_name(self.device), seed=cfg.trainer.seed, versions=versions(),
@@ -169,7 +172,8 @@ class Job:
         self.observers.on_finish(status, self.run_dir)
 
     def completed(self, result: RunResult) -> int:
-        render_plots(self.run_dir, warn=True, plots=self.plots)
+        if not (self.plots_in_background and plots_in_background(self.run_dir, self.plots)):
+            render_plots(self.run_dir, warn=True, plots=self.plots)
         fields = completed_fields(self.objective, result.rows)
         if "selected_by" in fields:
             log.info("Selected epoch %d by validation accuracy %.2f %%: test accuracy %.2f %% (model_best.pt)",
@@ -228,6 +232,27 @@ def render_plots(run_dir: Path, warn: bool = False, plots: str = "all") -> None:
     except Exception as err:
         if warn:
             log.warning("Plots not drawn (%s); redraw them later with: python -m cnnexp.plot %s", err, run_dir)
+
+
+def plots_in_background(run_dir: Path, plots: str) -> bool:
+    """Start `python -m cnnexp.plot` on the run, detached, so the command returns
+    without waiting for its figures (trainer.plots_in_background); its output
+    goes on in the run's log. False when it cannot start, or under SLURM (which
+    ends a job's processes with the job): then they are drawn here."""
+    if plots == "none":
+        return True
+    if "SLURM_JOB_ID" in os.environ:
+        return False
+    try:
+        with open(run_dir / LOG_FILE, "ab") as log_file:
+            subprocess.Popen([sys.executable, "-m", "cnnexp.plot", str(run_dir), "--plots", plots],
+                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # a Ctrl-C after the command returned does not reach it
+    except OSError as err:
+        log.warning("Could not draw the figures in the background (%s); drawing them now.", err)
+        return False
+    log.info("The figures are being drawn in the background into %s", run_dir / "plots")
+    return True
 
 
 def _number(value) -> float:

@@ -151,7 +151,7 @@ class EpochLoop:
                 prior_logits=carried["logits"] if carried else None,
                 should_stop=lambda: stop_requested() is not None,
                 on_progress=self.on_progress, progress_every=self.progress.every,
-                **epoch_hooks(setup, self.schedule, epoch, int(t_cfg.seed)))
+                **epoch_hooks(setup, self.schedule, epoch, int(t_cfg.seed), perm))
         seconds = time.perf_counter() - self.t0
         self.progress.close()
         return result, seconds
@@ -161,17 +161,23 @@ class EpochLoop:
         if self.observe_steps and step % self.t_cfg.log_every_steps == 0:
             self.observers.on_step(self.progress.epoch, step, running_loss())
 
-    def evaluate_on(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
+    def evaluate_on(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> EvalResult:
         setup, data = self.setup, self.setup.data
         with cpu_settings(setup.threads.eval, setup.threads.eval_onednn), weights_to_use(setup):
             return evaluate(setup.model, x, y, self.t_cfg.eval_batch_size, data.num_classes, data.normalize,
-                            tta=self.t_cfg.get("tta", "none"), options=setup.options)
+                            tta=self.tta_in(epoch), options=setup.options)
+
+    def tta_in(self, epoch: int) -> str:
+        """trainer.tta in this epoch's evaluation: every epoch's, or (tta_each_epoch=false) the last one's only."""
+        tta = self.t_cfg.get("tta", "none")
+        return tta if self.t_cfg.get("tta_each_epoch", True) or epoch == self.t_cfg.max_epochs else "none"
 
     def end_epoch(self, epoch: int, result, seconds: float) -> None:
         """Evaluate, then the row, the selected weights and the checkpoint on disk before any observer hears."""
         data = self.setup.data
-        self.final_eval = self.evaluate_on(data.test_x, data.test_y)
-        evals = {"test": self.final_eval, **({"val": self.evaluate_on(data.val_x, data.val_y)} if self.has_val else {})}
+        self.final_eval = self.evaluate_on(data.test_x, data.test_y, epoch)
+        evals = {"test": self.final_eval,
+                 **({"val": self.evaluate_on(data.val_x, data.val_y, epoch)} if self.has_val else {})}
         row = epoch_row(epoch, result, data.train_x.shape[0], self.setup.engine.steps_per_epoch, evals)
         row |= {"lr": self.lr, "epoch_seconds": round(time.perf_counter() - self.t0, 3),
                 "train_samples_per_s": round(result.samples / max(seconds, 1e-9), 1)}
@@ -204,7 +210,8 @@ class EpochLoop:
     def finish(self) -> RunResult:
         data = self.setup.data
         if self.final_eval is None:  # resumed a run whose epochs were all done
-            self.final_eval = self.evaluate_on(data.test_x, data.test_y)
+            last = int(self.rows[-1]["epoch"]) if self.rows else int(self.t_cfg.max_epochs)
+            self.final_eval = self.evaluate_on(data.test_x, data.test_y, last)
         with weights_to_use(self.setup):
             write_final_outputs(self.run_dir, self.setup.model, data, self.final_eval)
         return RunResult(rows=self.rows, final_eval=self.final_eval,
@@ -220,12 +227,13 @@ def log_start(cfg: DictConfig, setup: Setup) -> None:
              data.num_classes, t_cfg.max_epochs, engine.device, setup.describe_step(), threads.train, threads.eval)
 
 
-def epoch_hooks(setup: Setup, schedule: Schedule, epoch: int, seed: int) -> dict:
+def epoch_hooks(setup: Setup, schedule: Schedule, epoch: int, seed: int, perm: torch.Tensor) -> dict:
     """The options an epoch's steps take beyond the original loop: augmentation
-    of the epoch's images, a rate per step, the weight average after each step."""
+    of the epoch's images (gathered in `perm`'s order), a rate per step, the
+    weight average after each step."""
     hooks = {}
     if setup.augment.active:
-        hooks["augment"] = lambda images: setup.augment(images, seed, epoch)
+        hooks["augment"] = lambda images: setup.augment(images, seed, epoch, index=perm)
     if schedule.per_step:
         hooks["lr_at"] = lambda step: schedule.at(epoch, step)
     if setup.ema is not None:

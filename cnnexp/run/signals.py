@@ -9,6 +9,10 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("cnnexp")
 
@@ -47,3 +51,24 @@ def graceful_stop(flag: StopFlag):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class ParallelSweepStop(Callback):
+    """Ctrl-C on a sweep whose jobs run in worker processes (joblib): the workers
+    get the signal too, and each job stops after its current step with a
+    checkpoint. The launcher process waits for them, instead of raising
+    KeyboardInterrupt and tearing the workers down mid-step; a second Ctrl-C
+    aborts at once. `sweep_dir` is kept for the command's last line (cli.py)."""
+
+    sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        ParallelSweepStop.sweep_dir = Path(config.hydra.sweep.dir)
+        if "joblib" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+            signal.signal(signal.SIGINT, _wait_for_the_jobs)
+
+
+def _wait_for_the_jobs(signum, frame):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C aborts
+    log.warning("Stopping the sweep: each running job saves a checkpoint after its current step; press Ctrl-C "
+                "again to abort at once.")

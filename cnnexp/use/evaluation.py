@@ -309,7 +309,7 @@ def evaluate_run(run: LoadedRun, overrides: Overrides, composed: DictConfig | No
     result = evaluate_on(run, data, tta, overrides.trainer.get("eval_batch_size"))
     info = {"tta": tta, "batch_size": overrides.trainer.get("eval_batch_size")
             or int(run.config.trainer.get("eval_batch_size", 1000)), "weights_described": run.weights.describe()}
-    expected = expected_accuracy(run, data.own_split) if data.own_split and tta == run.tta else None
+    expected = expected_accuracy(run, data.own_split) if data.own_split and tta == run.tta_recorded() else None
     if expected is not None:
         info["reproduces"] = {"source": expected[1], "accuracy": expected[0], "exact": expected[0] == result.accuracy}
     out = run.path / EVALUATIONS_DIR / (name or evaluation_name(run, data, tta))

@@ -287,11 +287,18 @@ class LoadedRun:
         # precision and memory format, threads and oneDNN setting.
         trainer = config.trainer
         self.tta = str(trainer.get("tta", "none"))
+        self._tta_each_epoch, self._max_epochs = bool(trainer.get("tta_each_epoch", True)), trainer.get("max_epochs")
         self.options: StepOptions = step_options(trainer)
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         plan = OmegaConf.create({"num_threads": trainer.get("num_threads"), "fast_path": trainer.get("fast_path", True)})
         self.threads = plan_threads(plan, int(config.data.get("batch_size", 4)), self.device, None, self.options)
+
+    def tta_recorded(self) -> str:
+        """The test-time augmentation the run's own evaluation of these weights used
+        (with trainer.tta_each_epoch=false, only the last epoch's had it)."""
+        epoch = self.weights.epoch
+        return self.tta if self._tta_each_epoch or epoch is None or epoch == self._max_epochs else "none"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -24,7 +24,8 @@ DEFAULT_OPTIONS = {"model": "tutorial_cnn", "optim": "sgd", "data": "cifar10", "
 # Names other training tools use for a key cnnexp spells differently.
 OTHER_NAMES = {"amp": "trainer.precision", "fp16": "trainer.precision", "bf16": "trainer.precision",
                "epochs": "trainer.max_epochs", "num_epochs": "trainer.max_epochs", "lr": "optim.lr",
-               "learning_rate": "optim.lr", "batch_size": "data.batch_size", "patience": "trainer.early_stopping.patience",
+               "learning_rate": "optim.lr", "batch_size": "data.batch_size",
+               "patience": "trainer.early_stopping.patience",
                "augmentation": "augment", "run_name": "name", "tag": "tags", "description": "notes"}
 
 

@@ -4,11 +4,11 @@ Random horizontal flip, random crop of the image padded by `translate` pixels
 (reflected border) and cutout (one zeroed square), as a few tensor operations
 per epoch: no per-image PIL work. With alternate_flip, each training image is
 mirrored in every other epoch, starting from a coin toss per image (Jordan
-2024): every image is seen both ways in any two epochs in a row. Every random draw comes from a generator
-seeded by (trainer.seed, epoch), so an epoch's augmentation is the same in a
-run and in its resume, whichever step the resume starts at. Validation and
-test images are never augmented; `tta_views` gives the views test-time
-augmentation averages over.
+2024): every image is seen both ways in any two epochs in a row. Every random
+draw comes from a generator seeded by (trainer.seed, epoch), so an epoch's
+augmentation is the same in a run and in its resume, whichever step the resume
+starts at. Validation and test images are never augmented; `tta_views` gives
+the views test-time augmentation averages over.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Augment:
         return self.flip or self.translate > 0 or self.cutout > 0
 
     def describe(self) -> str:
-        parts = (["alternating flip" if self.alternate_flip else "flip"] if self.flip else []) + ([f"translate {self.translate}"] if self.translate else []) \
+        flip = "alternating flip" if self.alternate_flip else "flip"
+        parts = ([flip] if self.flip else []) + ([f"translate {self.translate}"] if self.translate else []) \
             + ([f"cutout {self.cutout}"] if self.cutout else [])
         return ", ".join(parts) or "none"
 
@@ -51,7 +52,7 @@ class Augment:
         n = images.shape[0]
         out = images
         if self.flip:
-            flipped = torch.rand(n, generator=g) < 0.5
+            flipped = torch.rand(n, generator=g) < 0.5  # drawn either way: the later draws stay as they were
             if self.alternate_flip:
                 flipped = alternating_flips(n if index is None else index.cpu(), seed, epoch)
             out = torch.where(flipped.to(images.device).view(-1, 1, 1, 1), out.flip(3), out)

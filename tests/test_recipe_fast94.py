@@ -83,11 +83,9 @@ def test_a_tiny_run_of_the_recipe_trains_and_records_its_options(tmp_path):
 
 @pytest.mark.parametrize("each_epoch, expected", [(True, ["flip", "flip", "flip"]), (False, ["none", "none", "flip"])])
 def test_tta_in_every_evaluation_or_in_the_last_epochs_only(each_epoch, expected):
-    from types import SimpleNamespace
-
     from omegaconf import OmegaConf
 
-    from cnnexp.run.loop import EpochLoop
+    from cnnexp.engine.evaluate import epoch_tta
 
-    loop = SimpleNamespace(t_cfg=OmegaConf.create({"tta": "flip", "tta_each_epoch": each_epoch, "max_epochs": 3}))
-    assert [EpochLoop.tta_in(loop, epoch) for epoch in (1, 2, 3)] == expected
+    trainer = OmegaConf.create({"tta": "flip", "tta_each_epoch": each_epoch, "max_epochs": 3})
+    assert [epoch_tta(trainer, epoch) for epoch in (1, 2, 3)] == expected

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from cnnexp.config.checks import check_unknown_keys, closest_key, unknown_keys, validate_config
-from cnnexp.config.keys import unknown_override
+from cnnexp.config.checks import check_unknown_keys, unknown_keys, validate_config
+from cnnexp.config.keys import closest_key, unknown_override
 from cnnexp.config.targets import check_all_targets
 from cnnexp.errors import ConfigError
 from conftest import run_cli

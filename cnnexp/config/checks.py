@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.config.keys import closest_key, unknown_key_text  # noqa: F401 - closest_key: the checks' API
+from cnnexp.config.keys import unknown_key_text
 from cnnexp.config.schema import Config, field_checks
 from cnnexp.config.targets import check_all_targets
 from cnnexp.config.training import check_training_options

@@ -50,6 +50,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 
+def epoch_tta(trainer, epoch: int | None) -> str:
+    """The test-time augmentation an epoch's evaluation uses: trainer.tta in every
+    epoch, or with trainer.tta_each_epoch=false in the last one only (epoch None:
+    not known, trainer.tta)."""
+    tta = str(trainer.get("tta", "none"))
+    every = trainer.get("tta_each_epoch", True) or epoch is None or epoch == trainer.get("max_epochs")
+    return tta if every else "none"
+
+
 def eval_logits(model: nn.Module, batch: torch.Tensor, tta: str = "none",
                 options: StepOptions | None = None) -> torch.Tensor:
     """The logits `evaluate` judges a normalised batch by, for callers outside it (cnnexp.load_run)."""

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.cpu import cpu_settings
 from cnnexp.engine.early_stopping import EarlyStopping, monitored_metric
-from cnnexp.engine.evaluate import EvalResult, evaluate
+from cnnexp.engine.evaluate import EvalResult, epoch_tta, evaluate
 from cnnexp.engine.schedules import Schedule
 from cnnexp.errors import TrainingDiverged
 from cnnexp.observers import Observers
@@ -165,12 +165,7 @@ class EpochLoop:
         setup, data = self.setup, self.setup.data
         with cpu_settings(setup.threads.eval, setup.threads.eval_onednn), weights_to_use(setup):
             return evaluate(setup.model, x, y, self.t_cfg.eval_batch_size, data.num_classes, data.normalize,
-                            tta=self.tta_in(epoch), options=setup.options)
-
-    def tta_in(self, epoch: int) -> str:
-        """trainer.tta in this epoch's evaluation: every epoch's, or (tta_each_epoch=false) the last one's only."""
-        tta = self.t_cfg.get("tta", "none")
-        return tta if self.t_cfg.get("tta_each_epoch", True) or epoch == self.t_cfg.max_epochs else "none"
+                            tta=epoch_tta(self.t_cfg, epoch), options=setup.options)
 
     def end_epoch(self, epoch: int, result, seconds: float) -> None:
         """Evaluate, then the row, the selected weights and the checkpoint on disk before any observer hears."""

@@ -28,7 +28,7 @@ from cnnexp.config.schema import SCHEMAS
 from cnnexp.config.targets import locate
 from cnnexp.cpu import cpu_settings
 from cnnexp.data.imagefolder import class_folders
-from cnnexp.engine.evaluate import eval_logits
+from cnnexp.engine.evaluate import epoch_tta, eval_logits
 from cnnexp.engine.precision import StepOptions
 from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.results.files import (
@@ -287,7 +287,6 @@ class LoadedRun:
         # precision and memory format, threads and oneDNN setting.
         trainer = config.trainer
         self.tta = str(trainer.get("tta", "none"))
-        self._tta_each_epoch, self._max_epochs = bool(trainer.get("tta_each_epoch", True)), trainer.get("max_epochs")
         self.options: StepOptions = step_options(trainer)
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -297,8 +296,7 @@ class LoadedRun:
     def tta_recorded(self) -> str:
         """The test-time augmentation the run's own evaluation of these weights used
         (with trainer.tta_each_epoch=false, only the last epoch's had it)."""
-        epoch = self.weights.epoch
-        return self.tta if self._tta_each_epoch or epoch is None or epoch == self._max_epochs else "none"
+        return epoch_tta(self.config.trainer, self.weights.epoch)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -183,8 +183,9 @@ class StartRequeuedJobsNow(threading.Thread):
 @pytest.mark.slow
 def test_requeued_and_signalled_jobs_continue_from_their_checkpoints(partition, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    # 1000 steps per epoch: the signal lands well inside epoch 2 also on a fast, idle machine.
-    proc = start_cli(["-m", *SMALL, "data.n_train=4000", "data.n_test=100", "trainer.max_epochs=2",
+    # 4000 steps per epoch (2-3 s with the compiled step): the signal lands well inside epoch 2
+    # also on a fast machine (at 1000 steps an epoch took 0.7 s, and a signal could arrive after it).
+    proc = start_cli(["-m", *SMALL, "data.n_train=16000", "data.n_test=100", "trainer.max_epochs=2",
                       "optim.lr=0.001,0.002,0.003", *launcher_args(partition), f"hydra.sweep.dir={sweep_dir}"],
                      cwd=tmp_path)
     starter = StartRequeuedJobsNow(sweep_dir)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnexp.engine.ema import WeightAverage
+from cnnexp.engine.lookahead import Lookahead
 from cnnexp.engine.optimizers import FlatSGD, TorchOptimizer, build_optimizer
 from cnnexp.engine.precision import StepOptions, cpu_supports_bf16, precision_problem
 from cnnexp.engine.schedules import Schedule
@@ -183,6 +184,17 @@ def test_warmup_then_linear_decay_per_step():
     assert 0 < s.at(10, 99) < 0.002
 
 
+def test_warmup_from_a_fraction_and_decay_to_a_floor():
+    s = Schedule(1.0, "linear", 10, 100, warmup_epochs=2, start=0.2, final=0.07)
+    assert math.isclose(s.at(1, 0), 0.2 + 0.8 / 200)  # starts at 0.2 of the rate
+    assert math.isclose(s.at(2, 99), 1.0)
+    assert math.isclose(s.at(6, 0), 0.07 + 0.93 * (1 - 3 / 8))
+    assert 0.07 <= s.at(10, 99) < 0.072  # ends at the floor, not 0
+    cosine = Schedule(1.0, "cosine", 4, 10, final=0.5)
+    assert cosine.per_step  # a floor makes even a cosine without warmup per step
+    assert math.isclose(cosine.at(1, 0), 1.0) and math.isclose(cosine.at(3, 0), 0.75)
+
+
 def test_onecycle_and_step_schedules():
     one = Schedule(1.0, "onecycle", 10, 10)
     assert one.at(1, 0) < 0.05 and math.isclose(one.at(4, 0), 1.0) and one.at(10, 9) < 0.02
@@ -215,6 +227,38 @@ def test_the_weight_average_follows_the_weights_and_swaps_in_for_evaluation():
     other.load_state_dict(saved)
     with other.swapped_in():
         assert torch.allclose(model.weight, torch.full((1, 2), 0.5))
+
+
+# ----------------------------------------------------------------- lookahead
+def test_lookahead_pulls_the_weights_back_every_k_steps_with_a_growing_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    la = Lookahead(model, every=2, final_decay=0.8, total_steps=5)
+
+    def step_to(value):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        la.after_step()
+        return model.weight.item()
+
+    assert step_to(1.0) == 1.0  # step 1: not an update step, the weights go on
+    decay = 0.8 * (2 / 5) ** 3
+    assert math.isclose(step_to(2.0), decay * 0.0 + (1 - decay) * 2.0, rel_tol=1e-6)  # step 2: pulled back
+    slow = model.weight.item()
+    assert step_to(3.0) == 3.0
+    saved = la.state_dict()
+    decay = 0.8 * (4 / 5) ** 3
+    expected = decay * slow + (1 - decay) * 4.0
+    assert math.isclose(step_to(4.0), expected, rel_tol=1e-6)
+    assert math.isclose(step_to(5.0), 0.8 * expected + 0.2 * 5.0, rel_tol=1e-6)  # the last step updates too
+
+    restored = Lookahead(model, every=2, final_decay=0.8, total_steps=5)
+    restored.load_state_dict(saved)  # a resumed run continues from step 3 alike
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    restored.after_step()
+    assert restored.steps == 4 and math.isclose(model.weight.item(), expected, rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------- the CPU step tuner

@@ -71,6 +71,27 @@ def test_signal_mid_epoch_checkpoints_the_position_and_resumes_exactly(tmp_path,
     assert read_rows(run_dir / "metrics.csv") == uninterrupted
 
 
+AVERAGED = ["trainer.lookahead_every=7", "trainer.ema_decay=0.9", "trainer.lr_schedule=linear",
+            "trainer.warmup_epochs=1", "trainer.warmup_start_factor=0.2", "trainer.final_lr_factor=0.1"]
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_resumes_lookahead_and_the_weight_average_exactly(tmp_path):
+    reference = run_cli([*ARGS, *AVERAGED, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    run_dir = tmp_path / "stopped"
+    proc = start_cli([*ARGS, *AVERAGED, "trainer.log_every_steps=50", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    stderr = StderrLines(proc)
+    stderr.wait_for("[epoch 2, step    50]")
+    proc.send_signal(signal.SIGTERM)
+    stderr.finish()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["lookahead"]["steps"] == STEPS_PER_EPOCH + checkpoint["step"]  # slow weights saved mid-epoch
+    result = run_cli([f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_rows(run_dir / "metrics.csv") == read_rows(tmp_path / "reference" / "metrics.csv")
+
+
 DOUBLE_CTRL_C = """
 import os, signal, time
 from cnnexp.models import TutorialCNN

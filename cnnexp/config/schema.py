@@ -195,9 +195,15 @@ class TrainerConfig:
     # constant, cosine (per epoch, as before); onecycle, linear, step: per step; any with warmup_epochs
     lr_schedule: str = key("constant", choices=("constant", "cosine", "onecycle", "linear", "step"))
     warmup_epochs: float = key(0.0, at_least(0), "0 or more epochs of linear warmup")
+    # the warmup's first rate and the rate cosine, linear and onecycle end at, as fractions of optim.lr
+    warmup_start_factor: float = key(0.0, lambda v: 0 <= v <= 1, "a fraction of optim.lr in [0, 1]")
+    final_lr_factor: float = key(0.0, lambda v: 0 <= v <= 1, "a fraction of optim.lr in [0, 1]")
     label_smoothing: float = key(0.0, lambda v: 0 <= v < 1, "a value in [0, 1)")
     decay_norm_and_bias: bool = True  # false: optim.weight_decay skips norm weights and biases
     ema_decay: float = key(0.0, lambda v: 0 <= v < 1, "0 (off) or a decay in (0, 1), e.g. 0.99")
+    # every N steps the slow weights move towards the training weights, which restart from them (engine/lookahead.py)
+    lookahead_every: int = key(0, at_least(0), "0 (off) or the steps between lookahead updates, e.g. 5")
+    lookahead_decay: float = key(0.774, lambda v: 0 <= v < 1, "the slow weights' decay at the end, in [0, 1)")
     precision: str = key("32", choices=("32", "bf16", "16-mixed"))
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (eager step only)

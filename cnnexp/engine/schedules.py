@@ -5,12 +5,16 @@ for a whole epoch (cosine decays to 0 over the run). Every other case sets
 the rate before each step, from the run's progress in epochs t (0 at the
 first step, max_epochs at the end):
 
-    warmup     t < warmup_epochs: base * (t + 1/steps) / warmup_epochs, linear from ~0
+    warmup     t < warmup_epochs: linear from start * base (~0 by default) to base
     constant   base
     cosine     base * (1 + cos(pi * u)) / 2          u: progress after warmup, 0..1
     linear     base * (1 - u)                        to 0 at the end
     onecycle   warmup (30 % of the run if warmup_epochs is 0), then linear to 0
     step       base * 0.1 ** (number of thirds of the run passed after warmup)
+
+with start = trainer.warmup_start_factor; cosine, linear and onecycle end at
+final = trainer.final_lr_factor times base instead of 0 (the decay runs from
+base to final * base).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ class Schedule:
     max_epochs: int
     steps_per_epoch: int
     warmup_epochs: float = 0.0
+    start: float = 0.0  # the first warmup step's rate, as a fraction of base_lr (plus one step's rise)
+    final: float = 0.0  # the rate cosine, linear and onecycle decay to, as a fraction of base_lr
 
     @property
     def per_step(self) -> bool:
-        return not (self.name in ("constant", "cosine") and self.warmup_epochs == 0)
+        return not (self.name in ("constant", "cosine") and self.warmup_epochs == 0 and self.final == 0)
 
     @property
     def warmup(self) -> float:
@@ -54,12 +60,12 @@ class Schedule:
         t = (epoch - 1) + step / self.steps_per_epoch  # epochs done before this step
         warmup = self.warmup
         if t < warmup:
-            return self.base_lr * (t + 1 / self.steps_per_epoch) / warmup
+            return self.base_lr * (self.start + (1 - self.start) * (t + 1 / self.steps_per_epoch) / warmup)
         u = (t - warmup) / max(self.max_epochs - warmup, 1e-12)
         if self.name == "cosine":
-            return self.base_lr * 0.5 * (1 + math.cos(math.pi * u))
+            return self.base_lr * (self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * u)))
         if self.name in ("linear", "onecycle"):
-            return self.base_lr * max(0.0, 1 - u)
+            return self.base_lr * (self.final + (1 - self.final) * max(0.0, 1 - u))
         if self.name == "step":
             return self.base_lr * 0.1 ** min(2, int(3 * u))
         return self.base_lr

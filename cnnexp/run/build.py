@@ -26,6 +26,7 @@ from cnnexp.data.augment import Augment
 from cnnexp.engine.autotune import COMPILED, StepPlan, plan_cpu_step
 from cnnexp.engine.ema import WeightAverage
 from cnnexp.engine.kernels import CompiledStepper
+from cnnexp.engine.lookahead import Lookahead
 from cnnexp.engine.optimizers import FlatSGD, build_optimizer
 from cnnexp.engine.precision import StepOptions
 from cnnexp.engine.steppers import Engine
@@ -60,6 +61,7 @@ class Setup:
     options: StepOptions = StepOptions()  # precision, memory format, label smoothing
     augment: Augment = Augment()  # of the training images, per epoch
     ema: WeightAverage | None = None  # trainer.ema_decay > 0
+    lookahead: Lookahead | None = None  # trainer.lookahead_every > 0
 
     def describe_step(self) -> str:
         kind = "flat SGD" if isinstance(self.optimizer, FlatSGD) else type(self.optimizer.optimizer).__name__
@@ -68,7 +70,8 @@ class Setup:
         if self.engine.use_graph:
             kind += " in a CUDA graph"
         extras = [self.options.describe(), f"augment: {self.augment.describe()}" if self.augment.active else "",
-                  f"EMA {self.ema.decay:g}" if self.ema is not None else ""]
+                  f"EMA {self.ema.decay:g}" if self.ema is not None else "",
+                  f"lookahead every {self.lookahead.every} steps" if self.lookahead is not None else ""]
         return ", ".join([kind, *(e for e in extras if e)])
 
 
@@ -160,9 +163,13 @@ def build(cfg: DictConfig, device: torch.device, checkpoint: Checkpoint | None) 
                     cuda_graph=t_cfg.cuda_graph, prepare=data.normalize,
                     stepper_class=CompiledStepper if compiled else None, options=options)
     ema = WeightAverage(model, t_cfg.ema_decay) if t_cfg.get("ema_decay", 0) else None
+    lookahead = None
+    if t_cfg.get("lookahead_every", 0):
+        lookahead = Lookahead(model, t_cfg.lookahead_every, t_cfg.lookahead_decay,
+                              total_steps=int(t_cfg.max_epochs) * engine.steps_per_epoch)
     threads = plan_threads(t_cfg, batch_size, device, step_plan, options)
     return Setup(data, model, optimizer, engine, step_plan, threads, options, Augment.from_config(cfg.get("augment")),
-                 ema)
+                 ema, lookahead)
 
 
 def step_options(t_cfg: DictConfig) -> StepOptions:

@@ -61,7 +61,8 @@ def early_stopping_of(t_cfg: DictConfig, has_val: bool) -> EarlyStopping | None:
 def schedule_of(cfg: DictConfig, steps_per_epoch: int) -> Schedule:
     t_cfg = cfg.trainer
     return Schedule(float(cfg.optim.lr), t_cfg.lr_schedule, int(t_cfg.max_epochs), steps_per_epoch,
-                    float(t_cfg.get("warmup_epochs", 0.0)))
+                    float(t_cfg.get("warmup_epochs", 0.0)), start=float(t_cfg.get("warmup_start_factor", 0.0)),
+                    final=float(t_cfg.get("final_lr_factor", 0.0)))
 
 
 def epoch_row(epoch: int, result, n_train: int, steps: int, evals: dict[str, EvalResult]) -> dict:
@@ -109,6 +110,8 @@ class EpochLoop:
         self.at = restore(checkpoint, setup.model, setup.optimizer, self.data_order)
         if checkpoint is not None and checkpoint.ema is not None and setup.ema is not None:
             setup.ema.load_state_dict(checkpoint.ema)
+        if checkpoint is not None and checkpoint.lookahead is not None and setup.lookahead is not None:
+            setup.lookahead.load_state_dict(checkpoint.lookahead)
         if self.at.best_model is not None:  # a stop may have come between the two writes
             atomic_torch_save(self.at.best_model, run_dir / BEST_MODEL_FILE)
         self.rows, self.best_model = self.at.rows, self.at.best_model
@@ -200,7 +203,9 @@ class EpochLoop:
                    metrics=list(self.rows), partial=partial, best_model=self.best_model,
                    step_plan=setup.step_plan.as_record() if setup.step_plan is not None else None,
                    config=OmegaConf.to_container(self.cfg, resolve=True),
-                   ema=setup.ema.state_dict() if setup.ema is not None else None).save(self.run_dir)
+                   ema=setup.ema.state_dict() if setup.ema is not None else None,
+                   lookahead=setup.lookahead.state_dict() if setup.lookahead is not None else None
+                   ).save(self.run_dir)
 
     def finish(self) -> RunResult:
         data = self.setup.data
@@ -225,14 +230,19 @@ def log_start(cfg: DictConfig, setup: Setup) -> None:
 def epoch_hooks(setup: Setup, schedule: Schedule, epoch: int, seed: int, perm: torch.Tensor) -> dict:
     """The options an epoch's steps take beyond the original loop: augmentation
     of the epoch's images (gathered in `perm`'s order), a rate per step, the
-    weight average after each step."""
+    weight average and lookahead after each step."""
     hooks = {}
     if setup.augment.active:
         hooks["augment"] = lambda images: setup.augment(images, seed, epoch, index=perm)
     if schedule.per_step:
         hooks["lr_at"] = lambda step: schedule.at(epoch, step)
+    after = []
     if setup.ema is not None:
-        hooks["after_step"] = setup.ema.update
+        after.append(setup.ema.update)
+    if setup.lookahead is not None:
+        after.append(setup.lookahead.after_step)
+    if after:
+        hooks["after_step"] = after[0] if len(after) == 1 else lambda: [f() for f in after]
     return hooks
 
 

@@ -66,6 +66,7 @@ class Checkpoint:
     best_model: dict | None = None  # the selected epoch's weights, to restore model_best.pt
     step_plan: dict | None = None  # the CPU step, so a resumed run steps alike
     ema: dict | None = None  # the weight average (trainer.ema_decay)
+    lookahead: dict | None = None  # the slow weights and the step count (trainer.lookahead_every)
     format: int = CHECKPOINT_FORMAT
 
     def save(self, run_dir: Path) -> None:

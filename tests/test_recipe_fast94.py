@@ -22,7 +22,8 @@ def test_the_preset_combines_the_recipe(compose_cfg):
     assert cfg.model.norm_bias_lr_scale == 64.0
     t = cfg.trainer
     assert (t.label_smoothing, t.precision, t.channels_last, t.tta) == (0.2, "bf16", True, "flip_translate")
-    assert t.lr_schedule == "linear" and t.warmup_epochs > 0 and 0 < t.ema_decay < 1
+    assert t.lr_schedule == "linear" and t.warmup_epochs > 0
+    assert (t.warmup_start_factor, t.final_lr_factor, t.lookahead_every, t.ema_decay) == (0.2, 0.07, 5, 0.0)
     assert cfg.augment.alternate_flip and not t.tta_each_epoch
     assert t.decay_norm_and_bias  # as in the paper: the scaled-up shifts decay at the same rate per step
 
@@ -34,6 +35,7 @@ def test_the_defaults_stay_the_original_experiment(compose_cfg):
     assert (t.precision, t.channels_last, t.compile, t.tta, t.label_smoothing, t.ema_decay) == \
         ("32", False, False, "none", 0.0, 0.0)
     assert t.lr_schedule == "constant" and t.warmup_epochs == 0 and t.early_stopping.patience == 0
+    assert (t.warmup_start_factor, t.final_lr_factor, t.lookahead_every) == (0.0, 0.0, 0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -72,7 +74,7 @@ def test_a_tiny_run_of_the_recipe_trains_and_records_its_options(tmp_path):
                       f"trainer.precision={precision}", "trainer.early_stopping.patience=5",
                       "trainer.progress=none", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "augment: alternating flip, translate 2, EMA 0.98" in result.stderr
+    assert "augment: alternating flip, translate 2, lookahead every 5 steps" in result.stderr
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
     lrs = [float(r.split(",")[5]) for r in rows[1:]]

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sweep.py                 # 4-job sweep, 3 interleaved rounds
     python benchmarks/bench_sweep.py --repeats 5 --n-train 20000
+    python benchmarks/bench_sweep.py --tree ../old-checkout --tree .   # source trees side by side
 
 Both launchers run the same 4-job learning-rate sweep on synthetic data, one
 after the other in each round; the script prints each wall time, the medians
@@ -11,6 +12,7 @@ and the throughput ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -24,13 +26,13 @@ LAUNCHERS = {
 }
 
 
-def run_sweep(extra: list[str], args, workdir: Path) -> float:
+def run_sweep(extra: list[str], args, workdir: Path, env: dict | None = None) -> float:
     sweep_dir = Path(tempfile.mkdtemp(dir=workdir))
     command = [sys.executable, "-m", "cnnexp", "-m", "data=synthetic", f"data.n_train={args.n_train}",
                "data.n_test=1000", f"trainer.max_epochs={args.epochs}", "trainer.progress=none",
                "optim.lr=0.0005,0.001,0.002,0.005", f"hydra.sweep.dir={sweep_dir}", *extra]
     start = time.perf_counter()
-    subprocess.run(command, cwd=workdir, check=True, capture_output=True)
+    subprocess.run(command, cwd=workdir, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -39,18 +41,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--tree", action="append", default=[],
+                        help="a cnnexp source tree to time instead of the installed one (repeatable: the trees "
+                             "run interleaved, side by side)")
     args = parser.parse_args()
-    times = {name: [] for name in LAUNCHERS}
+    trees = [str(Path(t).resolve()) for t in args.tree] or [""]  # "": the installed cnnexp
+    envs = {tree: dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
+            for tree in trees}
+    cases = [(tree, name) for tree in trees for name in LAUNCHERS]
+    times = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
-            for name, extra in LAUNCHERS.items():
-                times[name].append(run_sweep(extra, args, Path(tmp)))
-            print(f"round {round_ + 1}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()), flush=True)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"\n4-job sweep, {args.n_train} images x {args.epochs} epochs per job, median of {args.repeats}:")
-    for name, value in med.items():
-        print(f"  {name:16s} {value:6.1f} s   {4 / value * 60:5.2f} jobs/min")
-    print(f"  throughput ratio joblib/basic: {med['basic'] / med['joblib n_jobs=2']:.2f}x")
+            for tree, name in cases:
+                times[tree, name].append(run_sweep(LAUNCHERS[name], args, Path(tmp), envs[tree]))
+            print(f"round {round_ + 1}: " + ", ".join(f"{label(c)} {t[-1]:.1f} s" for c, t in times.items()),
+                  flush=True)
+    med = {case: statistics.median(t) for case, t in times.items()}
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n4-job sweep, {args.n_train} images x {args.epochs} epochs per job, median of {args.repeats} "
+          f"(load average {load}):")
+    for case, value in med.items():
+        print(f"  {label(case):40s} {value:6.1f} s   {4 / value * 60:5.2f} jobs/min")
+    for tree in trees:
+        ratio = med[tree, "basic"] / med[tree, "joblib n_jobs=2"]
+        print(f"  throughput ratio joblib/basic{' (' + tree + ')' if tree else ''}: {ratio:.2f}x")
+
+
+def label(case: tuple[str, str]) -> str:
+    tree, name = case
+    return f"{name} ({Path(tree).name})" if tree else name
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.config.schema import register_configs
 from cnnexp.results.files import CHECKPOINT_NAME
+from cnnexp.run import warm_workers
 
 
 def config_dir() -> str:
@@ -224,6 +225,7 @@ def main() -> None:
     check_override_syntax(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     compose_once()
+    warm_workers.start(sys.argv[1:])  # a joblib sweep's workers import torch while Hydra composes
     try:
         hydra_entry()
     except KeyboardInterrupt:  # one line instead of the launcher's traceback

@@ -193,3 +193,45 @@ def test_the_plot_command_does_not_load_torch():
     code = "import sys, cnnexp.plot; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# ----------------------------------------------------------------- warm joblib workers
+@pytest.mark.parametrize("arguments, n_jobs", [
+    (["-m", "hydra/launcher=joblib", "optim.lr=0.1,0.2"], -1),
+    (["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], 2),
+    (["hydra/launcher=joblib"], None),  # not a sweep
+    (["-m", "optim.lr=0.1,0.2"], None),  # the basic launcher: one job at a time
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.max_nbytes=1M"], None),  # arguments a warm-up does not match
+    (["-m", "hydra/launcher=joblib", "+experiment=fast94"], None),  # a preset might set them
+    (["-m", "hydra/launcher=joblib", "--cfg", "job"], None),  # prints the config, launches nothing
+])
+def test_only_a_joblib_sweep_whose_arguments_are_known_is_warmed(arguments, n_jobs):
+    from cnnexp.run.warm_workers import joblib_jobs
+
+    assert joblib_jobs(arguments) == n_jobs
+
+
+def test_hydras_joblib_launcher_reuses_the_warmed_workers():
+    """The pool the warm-up starts is the one the launcher's own Parallel call
+    gets: its arguments, as Hydra builds them from its config, match."""
+    import copy
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+
+    from cnnexp.cli import config_dir
+    from cnnexp.run.warm_workers import warm
+
+    warmed = warm(2)
+    assert len(set(warmed)) == 2 and os.getpid() not in warmed
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                      return_hydra_config=True)
+    arguments = copy.copy(instantiate(cfg.hydra.launcher).joblib)  # as the launcher's launch() sees them
+    arguments["backend"] = "loky"
+    process_joblib_cfg(arguments)
+    pids = Parallel(**arguments)(delayed(os.getpid)() for _ in range(6))
+    assert set(pids) <= set(warmed)  # no new worker was started

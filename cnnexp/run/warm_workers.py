@@ -1,0 +1,93 @@
+"""Parallel sweep workers started while the command is still composing.
+
+Hydra's joblib launcher hands its jobs to joblib's reusable process pool only
+after the sweep's config is composed and its callbacks are set up, and each
+new worker then pays Python's start-up and the import of torch (about 2 s on
+a 2-core machine) before its first job can begin. When the command line asks
+for a joblib sweep, cnnexp starts that same pool at once, from a background
+thread, with the arguments the launcher will pass, and has each worker
+import what a job needs; the launcher's own call finds the pool with equal
+arguments and reuses it, warm. A config that changes the launcher's
+arguments after all (a preset setting hydra.launcher.*) makes joblib start a
+new pool: the warm-up was wasted work, never a wrong result.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# The launcher keys (hydra.launcher.KEY) a warm-up can match from the command
+# line; any other launcher key leaves the pool to the launcher.
+MATCHED_KEYS = ("n_jobs",)
+# Hydra's flags that print and exit without launching anything.
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
+def joblib_jobs(arguments: list[str]) -> int | None:
+    """The n_jobs of the joblib sweep these command-line arguments ask for
+    (joblib's -1 when not given), or None when they do not ask for one that a
+    warm-up can match for sure."""
+    if not any(a in ("-m", "--multirun") for a in arguments) or any(a in INFO_FLAGS for a in arguments):
+        return None
+    overrides = [a.lstrip("+~") for a in arguments if "=" in a and not a.startswith("-")]
+    if "hydra/launcher=joblib" not in overrides:
+        return None
+    n_jobs = -1
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.startswith(("experiment", "hydra.searchpath")):
+            return None  # a preset or another config directory may set the launcher's arguments
+        if key.startswith("hydra.launcher."):
+            if key.removeprefix("hydra.launcher.") not in MATCHED_KEYS:
+                return None
+            try:
+                n_jobs = int(value)
+            except ValueError:
+                return None  # Hydra will name the bad value
+    return n_jobs
+
+
+def launcher_arguments(n_jobs: int) -> dict:
+    """joblib.Parallel's arguments as Hydra's joblib launcher builds them for n_jobs."""
+    import dataclasses
+
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+
+    arguments = {f.name: f.default for f in dataclasses.fields(JobLibLauncherConf) if f.name != "_target_"}
+    arguments.update(n_jobs=n_jobs, backend="loky")
+    process_joblib_cfg(arguments)
+    return arguments
+
+
+def import_job_modules() -> int:
+    """Run in each worker: import what every job needs; returns the worker's pid."""
+    import os
+
+    import torch  # noqa: F401 - the second it takes is the point
+
+    import cnnexp.run.job  # noqa: F401
+
+    return os.getpid()
+
+
+def start(arguments: list[str]) -> threading.Thread | None:
+    """Start warming the workers of the joblib sweep the command line asks for;
+    the thread ends when every worker has imported torch and cnnexp."""
+    n_jobs = joblib_jobs(arguments)
+    if n_jobs is None:
+        return None
+    thread = threading.Thread(target=warm, args=(n_jobs,), name="cnnexp-warm-workers", daemon=True)
+    thread.start()
+    return thread
+
+
+def warm(n_jobs: int) -> list[int]:
+    """The pids of the warmed workers ([] when the pool cannot be started here)."""
+    try:
+        from joblib import Parallel, delayed, effective_n_jobs
+
+        tasks = (delayed(import_job_modules)() for _ in range(effective_n_jobs(n_jobs)))
+        return Parallel(**launcher_arguments(n_jobs))(tasks)
+    except Exception:  # noqa: BLE001 - the launcher starts its own workers as it always did
+        return []

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp.config.keys import brings_unseen_config
 from cnnexp.config.schema import register_configs
 from cnnexp.results.files import CHECKPOINT_NAME
 from cnnexp.run import warm_workers
@@ -167,7 +168,7 @@ def compose_once() -> None:
         return
 
     def get_mode(self, config_name, overrides):
-        if any(o.lstrip("+~").startswith(("experiment", "hydra.searchpath")) for o in overrides):
+        if brings_unseen_config(overrides):
             return hydras_own(self, config_name=config_name, overrides=overrides)
         return mode_from_command_line(overrides)
 
@@ -199,9 +200,9 @@ def check_override_syntax(arguments: list[str]) -> None:
 def check_override_keys(arguments: list[str]) -> None:
     """A key the schema does not have (trainer.nosuchkey=1): one line naming the closest
     real key, exit 2, before Hydra's struct-mode error and its advice to add it with `+`."""
-    from cnnexp.config.keys import unknown_override
+    from cnnexp.config.keys import default_options, unknown_override
 
-    message = unknown_override(arguments)
+    message = unknown_override(arguments, default_options(Path(config_dir()) / "config.yaml"))
     if message:
         print(f"cnnexp: error: {message}", file=sys.stderr)
         raise SystemExit(2)

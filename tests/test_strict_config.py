@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
+from cnnexp.cli import config_dir
 from cnnexp.config.checks import check_unknown_keys, unknown_keys, validate_config
-from cnnexp.config.keys import closest_key, unknown_override
+from cnnexp.config.keys import closest_key, default_options, unknown_override
 from cnnexp.config.targets import check_all_targets
 from cnnexp.errors import ConfigError
 from conftest import run_cli
@@ -93,6 +95,14 @@ def test_runs_sweeps_and_searches_stop_before_any_job_with_one_line_and_exit_2(t
 
 
 # ------------------------------------------------------------------ before Hydra: a key without `+`
+DEFAULTS = default_options(Path(config_dir()) / "config.yaml")
+
+
+def test_the_default_options_are_read_from_the_config_files_defaults_list():
+    assert DEFAULTS == {"model": "tutorial_cnn", "optim": "sgd", "data": "cifar10", "trainer": "default",
+                        "augment": "none"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["trainer.epochs=3"], "trainer.epochs: no such key in trainer, .* the closest key is trainer.max_epochs "),
     (["data.batchsize=8"], "the closest key is data.batch_size "),
@@ -102,7 +112,7 @@ def test_runs_sweeps_and_searches_stop_before_any_job_with_one_line_and_exit_2(t
     (["logger=tensorboard", "logger.zzz=1"], "the keys in logger are: tensorboard, mlflow"),
 ])
 def test_a_mistyped_key_on_the_command_line_is_named_before_hydra_composes(args, message):
-    found = unknown_override(args)
+    found = unknown_override(args, DEFAULTS)
     assert found is not None and re.search(message, found), found
 
 
@@ -114,7 +124,7 @@ def test_a_mistyped_key_on_the_command_line_is_named_before_hydra_composes(args,
     ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.mean.0=0.5", "name=x", "tags=[a]", "logger=all"],
 ])
 def test_keys_the_schema_has_or_cannot_judge_pass_the_command_line_check(args):
-    assert unknown_override(args) is None
+    assert unknown_override(args, DEFAULTS) is None
 
 
 def test_the_command_refuses_a_mistyped_key_with_one_line_and_exit_2(tmp_path):

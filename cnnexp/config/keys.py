@@ -4,7 +4,7 @@ command line before Hydra composes anything.
 Hydra refuses `trainer.nosuchkey=1` itself, with three lines about struct
 mode and a hint to add the key with `+` (which would only make a key that
 nothing reads). `unknown_override` catches it first, from the schema alone:
-the group options come from the command line or conf/config.yaml's defaults.
+the group options come from the command line or conf/config.yaml's defaults list.
 A command line whose preset (`experiment=`) or search path may bring other
 options is left to Hydra, and to config/checks.py once composed.
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.config.schema import SCHEMAS, Config
-
-# conf/config.yaml's defaults list: the option of each group a plain command gets.
-DEFAULT_OPTIONS = {"model": "tutorial_cnn", "optim": "sgd", "data": "cifar10", "trainer": "default",
-                   "augment": "none"}
 
 # Names other training tools use for a key cnnexp spells differently.
 OTHER_NAMES = {"amp": "trainer.precision", "fp16": "trainer.precision", "bf16": "trainer.precision",
@@ -64,13 +63,28 @@ def unknown_key_text(key: str, known: list[str], option: str | None) -> str:
     return f"{head}; the keys {where} are: {', '.join(siblings)}."
 
 
-def unknown_override(arguments: list[str]) -> str | None:
+def brings_unseen_config(arguments: list[str]) -> bool:
+    """Whether the command line picks a preset (experiment=...) or another config
+    directory (hydra.searchpath): either may set keys and group options the
+    command line does not show, so only a composed config tells."""
+    return any(a.lstrip("+~").startswith(("experiment", "hydra.searchpath")) for a in arguments)
+
+
+def default_options(config_yaml: Path) -> dict[str, str]:
+    """The option of each schema group a plain command gets: config.yaml's defaults list."""
+    entries = OmegaConf.load(config_yaml).get("defaults", [])
+    return {group: str(option) for entry in entries if isinstance(entry, DictConfig)
+            for group, option in entry.items() if group in SCHEMAS}
+
+
+def unknown_override(arguments: list[str], defaults: dict[str, str]) -> str | None:
     """The message for the first `key=value` on the command line (no `+`) whose key
-    the schema does not have, or None. Only what the schema alone decides."""
-    if any(a.lstrip("+~").startswith(("experiment", "hydra.searchpath")) for a in arguments):
+    the schema does not have, or None. Only what the schema alone decides;
+    `defaults`: the option of each group when the command line names none."""
+    if brings_unseen_config(arguments):
         return None
     overrides = [a for a in arguments if "=" in a and not a.startswith(("-", "+", "~"))]
-    options = dict(DEFAULT_OPTIONS)
+    options = dict(defaults)
     options.update({k: v for k, _, v in (a.partition("=") for a in overrides) if k in options})
     schemas = {group: SCHEMAS[group].get(options[group]) for group in SCHEMAS}
     for argument in overrides:

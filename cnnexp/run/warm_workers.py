@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import threading
 
+from cnnexp.config.keys import brings_unseen_config
+
 # The launcher keys (hydra.launcher.KEY) a warm-up can match from the command
 # line; any other launcher key leaves the pool to the launcher.
 MATCHED_KEYS = ("n_jobs",)
@@ -30,13 +32,11 @@ def joblib_jobs(arguments: list[str]) -> int | None:
     if not any(a in ("-m", "--multirun") for a in arguments) or any(a in INFO_FLAGS for a in arguments):
         return None
     overrides = [a.lstrip("+~") for a in arguments if "=" in a and not a.startswith("-")]
-    if "hydra/launcher=joblib" not in overrides:
-        return None
+    if "hydra/launcher=joblib" not in overrides or brings_unseen_config(overrides):
+        return None  # not a joblib sweep, or a preset may set the launcher's arguments
     n_jobs = -1
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.startswith(("experiment", "hydra.searchpath")):
-            return None  # a preset or another config directory may set the launcher's arguments
         if key.startswith("hydra.launcher."):
             if key.removeprefix("hydra.launcher.") not in MATCHED_KEYS:
                 return None

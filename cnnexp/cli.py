@@ -216,7 +216,7 @@ def stopped_sweep_hint() -> str:
     sweep = ParallelSweepStop.sweep_dir  # set once a sweep has started
     if sweep is None:
         return "cnnexp: stopped (Ctrl-C)."
-    from cnnexp.run.resume import override_text
+    from cnnexp.run.ownership import override_text
 
     return ("cnnexp: stopped (Ctrl-C); the jobs that completed are kept and the stopped ones saved a checkpoint. "
             f"To continue the sweep, run the same command with {override_text('hydra.sweep.dir', sweep)}")

@@ -18,12 +18,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.config.checks import check_writable
 from cnnexp.errors import CnnexpError, ConfigError, DiskFull
-from cnnexp.run.resume import (
+from cnnexp.run.ownership import (
     SweepDirTaken,
+    check_writable,
     claim_run_dir,
-    find_checkpoint,
     job_dir_conflict,
     refuse_if_taken,
 )
@@ -76,6 +75,10 @@ def _stop_on_error(check, config: DictConfig) -> None:
 def claim_run_dirs(config: DictConfig) -> None:
     """A plain run's directory, and the run a trainer.resume continues: locked
     for this process; a fresh run's directory must hold no results."""
+    from cnnexp.run.resume import (
+        find_checkpoint,  # a plain run imports torch anyway; a sweep need not
+    )
+
     run_dir = Path(config.hydra.run.dir)
     resumed = None
     if OmegaConf.select(config, "trainer.resume"):

@@ -17,15 +17,9 @@ from omegaconf import OmegaConf
 
 from cnnexp import preflight
 from cnnexp.errors import ConfigError
-from cnnexp.run import resume
-from cnnexp.run.resume import (
-    Checkpoint,
-    RunDirTaken,
-    override_text,
-    refuse_if_taken,
-    restore_rng_states,
-    rng_states,
-)
+from cnnexp.run import ownership
+from cnnexp.run.ownership import RunDirTaken, override_text, refuse_if_taken
+from cnnexp.run.resume import Checkpoint, restore_rng_states, rng_states
 from conftest import run_cli
 
 SMALL = ["data=synthetic", "data.n_train=200", "data.n_test=100", "trainer.max_epochs=1", "trainer.progress=none",
@@ -41,7 +35,7 @@ def snapshot(directory: Path) -> dict:
 def test_a_run_dir_another_process_holds_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cnnexp.run.resume import claim_run_dir; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cnnexp.run.ownership import claim_run_dir; "
                                f"claim_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -53,7 +47,7 @@ def test_a_run_dir_another_process_holds_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     preflight.claim_run_dirs(config)  # the lock went with the process: no stale lock
-    resume.release_run_dir(run_dir)
+    ownership.release_run_dir(run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == []  # the lock leaves no file behind
 
 
@@ -114,9 +108,9 @@ def test_the_sweep_check_computes_the_jobs_as_hydra_does(tmp_path):
         ("3", ["optim.momentum=0.9", "optim.lr=0.2", "trainer.max_epochs=1"])]
     (tmp_path / "2").mkdir()
     (tmp_path / "2" / "run.json").write_text(json.dumps({"overrides": ["optim.lr=0.5"], "status": "completed"}))
-    with pytest.raises(resume.SweepDirTaken, match="holds a job run with overrides"):
+    with pytest.raises(ownership.SweepDirTaken, match="holds a job run with overrides"):
         preflight.claim_sweep_dir(config)
-    resume.release_run_dir(tmp_path)
+    ownership.release_run_dir(tmp_path)
 
 
 # ----------------------------------------------------------------- a read-only run dir mid-run

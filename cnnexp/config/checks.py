@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import re
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
@@ -255,17 +252,3 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"The output directory {run_dir} cannot be written ({err.strerror or err}); "
-            "choose another with hydra.run.dir=PATH (or hydra.sweep.dir=PATH for -m)."
-        ) from None
-    if not os.access(run_dir, os.W_OK):
-        raise ConfigError(f"The output directory {run_dir} is not writable; choose another with hydra.run.dir=PATH.")

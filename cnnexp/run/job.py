@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnnexp.config.checks import check_writable, resolve_device, validate_config
+from cnnexp.config.checks import resolve_device, validate_config
 from cnnexp.config.targets import check_optimizer
 from cnnexp.errors import CnnexpError, ConfigError, DiskFull, NotWritable
 from cnnexp.figures import render_run
@@ -30,18 +30,21 @@ from cnnexp.results.objective import from_config as objective_of
 from cnnexp.results.record import RunRecord, read_record, reproduction, versions
 from cnnexp.run.build import build
 from cnnexp.run.loop import RunResult, train
-from cnnexp.run.recording import EpochCounter, SelectionRecord
-from cnnexp.run.resume import (
+from cnnexp.run.ownership import (
     RunDirTaken,
     SweepDirTaken,
-    checkpoint_path,
+    check_writable,
     claim_run_dir,
+    override_text,
+    release_run_dir,
+)
+from cnnexp.run.recording import EpochCounter, SelectionRecord
+from cnnexp.run.resume import (
+    checkpoint_path,
     config_for_resume,
     continue_log,
     continued_record,
-    override_text,
     plan_start,
-    release_run_dir,
 )
 from cnnexp.run.signals import Interrupted, StopFlag, graceful_stop
 from cnnexp.safeio import is_disk_full, not_writable_error, unwritable_path

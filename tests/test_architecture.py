@@ -15,7 +15,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 # Stages, earliest first: a module may import its own stage or an earlier one.
 LAYERS = [
-    ["cnnexp", "cnnexp.version", "cnnexp.errors", "cnnexp.safeio", "cnnexp.observers", "cnnexp.cpu"],
+    ["cnnexp", "cnnexp.version", "cnnexp.errors", "cnnexp.safeio", "cnnexp.observers", "cnnexp.cpu",
+     "cnnexp.warm_pool"],
     ["cnnexp.models", "cnnexp.data"],
     ["cnnexp.engine"],
     ["cnnexp.results"],

@@ -235,3 +235,41 @@ def test_hydras_joblib_launcher_reuses_the_warmed_workers():
     process_joblib_cfg(arguments)
     pids = Parallel(**arguments)(delayed(os.getpid)() for _ in range(6))
     assert set(pids) <= set(warmed)  # no new worker was started
+
+
+# Put on a command's PYTHONPATH: each Python process records, as it exits, which heavy modules it imported.
+RECORD_IMPORTS = """
+import atexit, json, os, sys
+def _record():
+    with open(os.environ["CNNEXP_TEST_IMPORTS"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "loaded": [m for m in ("torch", "matplotlib", "pandas")
+                                                           if m in sys.modules]}) + "\\n")
+atexit.register(_record)
+"""
+
+
+def test_a_joblib_sweeps_parent_leaves_torch_and_the_figures_to_its_warm_workers(tmp_path):
+    """The parent checks every job's `_target_` and draws the comparison plots in its warm
+    workers (cnnexp/warm_pool.py), so it imports neither torch nor matplotlib; the sweep's
+    files are the same as ever."""
+    import os
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_IMPORTS)
+    record = tmp_path / "imports.jsonl"
+    env = {"CNNEXP_TEST_IMPORTS": str(record),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen([sys.executable, "-m", "cnnexp", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                             *SMALL, "trainer.max_epochs=1", "optim.lr=0.01,0.02", "hydra.sweep.dir=sweep"],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    records = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["loaded"] for r in records if r["pid"] == proc.pid] == [[]]  # the parent: none of them
+    sweep = tmp_path / "sweep"
+    assert (sweep / "summary.csv").is_file() and list(sweep.glob("compare_*.png"))
+    for job in ("0", "1"):
+        run = json.loads((sweep / job / "run.json").read_text())
+        assert run["status"] == "completed" and run["pid"] != proc.pid
+        assert (sweep / job / "plots" / "overview.png").is_file()

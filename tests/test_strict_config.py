@@ -82,7 +82,9 @@ def test_closest_key_prefers_a_sibling_then_the_same_name_elsewhere():
     ["-m", "data=synthetic", "+trainer.amp=true,false"],  # a swept added key
     ["-m", "data=synthetic,cifar10", "++data.noise=0.5"],  # fine for one group option, not for the other
     ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "data=synthetic", "+trainer.amp=interval(0, 1)"],
-], ids=["run", "sweep", "swept-group", "search"])
+    # checked in a warm worker (cnnexp/warm_pool.py), said by the parent alike
+    ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "+trainer.amp=true,false"],
+], ids=["run", "sweep", "swept-group", "search", "joblib-sweep"])
 def test_runs_sweeps_and_searches_stop_before_any_job_with_one_line_and_exit_2(tmp_path, args):
     result = run_cli([*args, "trainer.max_epochs=1", "hydra.run.dir=run", "hydra.sweep.dir=sweep"], tmp_path,
                      timeout=120)
@@ -92,6 +94,17 @@ def test_runs_sweeps_and_searches_stop_before_any_job_with_one_line_and_exit_2(t
     key = "data.noise" if "++data.noise=0.5" in args else "trainer.amp"
     assert errors[0].startswith(f"error: {key}: no such key") or f"] error: {key}: no such key" in errors[0]
     assert not (tmp_path / "sweep" / "0").exists()  # no job ran
+
+
+def test_a_joblib_sweep_checks_each_jobs_target_in_a_worker_and_stops_before_any_job(tmp_path):
+    result = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic",
+                      "model._target_=cnnexp.models.TutorialCNN", "+model.hidden=3", "optim.lr=0.1,0.2",
+                      "trainer.max_epochs=1", "hydra.sweep.dir=sweep"], tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "takes no argument hidden (set by model.hidden)" in errors[0]
+    assert not (tmp_path / "sweep" / "0").exists()
 
 
 # ------------------------------------------------------------------ before Hydra: a key without `+`

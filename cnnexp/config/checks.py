@@ -4,8 +4,8 @@ Types and unknown keys are checked by the schema (config/schema.py) while
 Hydra composes, except keys added with `+key=value` or `++key=value`: Hydra
 adds those to any node, schema or not (OmegaConf's force_add ignores the
 struct flag), so nothing would read them. `check_unknown_keys` refuses them
-in the composed config; the SweepKeysCheck callback does the same for every
-job of a sweep or search before the first one starts. The rest are the ranges
+in the composed config; the SweepKeysCheck callback (config/sweep_keys.py)
+does the same for every job of a sweep or search before the first one starts. The rest are the ranges
 and facts a type cannot express. Each failure is one ConfigError naming the
 key, the value and what is allowed.
 """
@@ -13,13 +13,9 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
-import sys
 
 import torch
-from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnnexp.config.keys import unknown_key_text
@@ -119,78 +115,6 @@ def known_keys(cfg: DictConfig) -> list[str]:
 def unknown_key_message(key: str, cfg: DictConfig) -> str:
     choice = OmegaConf.select(cfg, f"{key.split('.')[0]}.name", default=None)
     return unknown_key_text(key, known_keys(cfg), choice if isinstance(choice, str) else None)
-
-
-class SweepKeysCheck(Callback):
-    """A sweep or search stops before its first job when one of its jobs would
-    carry a key nothing reads, or one its `_target_` does not take: otherwise
-    each job would fail alone, one after another."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        try:
-            for job_cfg in sweep_job_configs(config):
-                check_unknown_keys(job_cfg)
-                check_all_targets(job_cfg)  # the keys a `_target_` is given, against its signature
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(err.exit_code) from None
-
-
-MAX_GROUP_COMBINATIONS = 64  # composing a config costs ~20 ms; a sweep rarely crosses more options
-
-
-def sweep_job_configs(config: DictConfig):
-    """The configs a sweep's jobs can have, as far as their keys go.
-
-    Which keys a job has depends on its group options and on the keys its
-    overrides add (`+key=...`), not on the values of keys the schema has. So
-    one config per combination of swept group options is composed, and each
-    added key, swept or a search range, is added to it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    lines = list(config.hydra.overrides.task)
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)  # a search space in the config
-    if isinstance(params, DictConfig):
-        lines = [f"{k}={v}" for k, v in OmegaConf.to_container(params, resolve=False).items()] + lines
-    groups = set(OmegaConf.select(config, "hydra.runtime.choices", default={}) or {})
-    fixed, swept_groups, added = [], [], []
-    for override in OverridesParser.create().parse_overrides(lines):
-        if override.is_hydra_override() or not override.is_sweep_override():
-            fixed.append(override.input_line)
-        elif override.key_or_group in groups and override.is_choice_sweep():
-            swept_groups.append([f"{override.key_or_group}={v}" for v in override.sweep_string_iterator()])
-        elif override.is_add() or override.is_force_add():
-            added.append(override.key_or_group)
-    if not swept_groups:
-        cfgs = [_without_hydra(config)]
-    else:
-        loader = _config_loader()
-        combos = list(itertools.islice(itertools.product(*swept_groups), MAX_GROUP_COMBINATIONS))
-        cfgs = []
-        for combo in combos:
-            try:
-                cfgs.append(_without_hydra(loader.load_sweep_config(config, [*fixed, *combo])))
-            except HydraException:  # the sweeper reports a job that does not compose, in its own words
-                continue
-    for cfg in cfgs:
-        for key in added:
-            OmegaConf.update(cfg, key, None, force_add=True)
-        yield cfg
-
-
-def _without_hydra(config: DictConfig) -> DictConfig:
-    cfg = config.copy()
-    with_flags = OmegaConf.is_struct(cfg)
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    OmegaConf.set_struct(cfg, with_flags)
-    return cfg
-
-
-def _config_loader():
-    from hydra.core.global_hydra import GlobalHydra
-
-    return GlobalHydra.instance().hydra.config_loader
 
 
 def check_keys(node: DictConfig, group: str) -> None:

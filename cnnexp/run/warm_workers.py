@@ -10,12 +10,19 @@ import what a job needs; the launcher's own call finds the pool with equal
 arguments and reuses it, warm. A config that changes the launcher's
 arguments after all (a preset setting hydra.launcher.*) makes joblib start a
 new pool: the warm-up was wasted work, never a wrong result.
+
+The parent offers the same pool its own heavy work (cnnexp/warm_pool.py):
+checking every job's `_target_` before the first job, and the summary and
+comparison plots after the last, so it never imports torch, matplotlib or
+pandas itself. Unless the command line says trainer.plots=none, each worker
+also imports what drawing a job's figures needs, before its first job.
 """
 
 from __future__ import annotations
 
 import threading
 
+from cnnexp import warm_pool
 from cnnexp.config.keys import brings_unseen_config
 
 # The launcher keys (hydra.launcher.KEY) a warm-up can match from the command
@@ -71,23 +78,45 @@ def import_job_modules() -> int:
     return os.getpid()
 
 
+def import_figure_modules() -> None:
+    """Run in each worker after import_job_modules: what drawing a job's figures and
+    the sweep's summary needs. Apart, so that the parent's checks, which need torch
+    only, can run in a worker in between."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import pandas  # noqa: F401
+
+
+def draws_figures(arguments: list[str]) -> bool:
+    return not any(a.lstrip("+~") == "trainer.plots=none" for a in arguments)
+
+
 def start(arguments: list[str]) -> threading.Thread | None:
     """Start warming the workers of the joblib sweep the command line asks for;
     the thread ends when every worker has imported torch and cnnexp."""
     n_jobs = joblib_jobs(arguments)
     if n_jobs is None:
         return None
-    thread = threading.Thread(target=warm, args=(n_jobs,), name="cnnexp-warm-workers", daemon=True)
+    try:
+        warm_pool.offer(launcher_arguments(n_jobs))  # the parent's checks and summary run in these workers
+    except Exception:  # noqa: BLE001 - no joblib launcher here: Hydra will say so
+        return None
+    thread = threading.Thread(target=warm, args=(n_jobs, draws_figures(arguments)), name="cnnexp-warm-workers",
+                              daemon=True)
     thread.start()
     return thread
 
 
-def warm(n_jobs: int) -> list[int]:
+def warm(n_jobs: int, figures: bool = True) -> list[int]:
     """The pids of the warmed workers ([] when the pool cannot be started here)."""
     try:
         from joblib import Parallel, delayed, effective_n_jobs
 
-        tasks = (delayed(import_job_modules)() for _ in range(effective_n_jobs(n_jobs)))
-        return Parallel(**launcher_arguments(n_jobs))(tasks)
+        workers, arguments = effective_n_jobs(n_jobs), launcher_arguments(n_jobs)
+        pids = Parallel(**arguments)(delayed(import_job_modules)() for _ in range(workers))
+        if figures:
+            Parallel(**arguments)(delayed(import_figure_modules)() for _ in range(workers))
+        return pids
     except Exception:  # noqa: BLE001 - the launcher starts its own workers as it always did
+        warm_pool.withdraw()
         return []

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cnnexp import warm_pool
 from cnnexp.errors import CnnexpError, ConfigError
 from cnnexp.results.files import SEARCH_FILE, SUMMARY_FILE
 from cnnexp.safeio import atomic_path
@@ -31,7 +32,9 @@ log = logging.getLogger("cnnexp")
 # is written, so a command that writes none never pays for them.
 
 
-def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
+def write_summary(sweep_dir: Path, plots: bool = False, problems: list[str] | None = None) -> pd.DataFrame:
+    """summary.csv (and the comparison plots) written; a plot that cannot be drawn is
+    logged, or added to `problems` when given."""
     from cnnexp.sweep.table import summarise
 
     sweep_dir = Path(sweep_dir)
@@ -51,8 +54,23 @@ def write_summary(sweep_dir: Path, plots: bool = False) -> pd.DataFrame:
         try:
             render_sweep(sweep_dir, curves, groups)
         except Exception as err:  # figures are a view of summary.csv; never lose the summary over them
-            log.warning("Comparison plots not drawn (%s); redraw them with: python -m cnnexp.plot %s", err, sweep_dir)
+            note = f"Comparison plots not drawn ({err}); redraw them with: python -m cnnexp.plot {sweep_dir}"
+            if problems is None:
+                log.warning("%s", note)
+            else:
+                problems.append(note)
     return table
+
+
+def sweep_outcome(sweep_dir: Path, plots: bool) -> tuple[str | None, str | None, list[str]]:
+    """summary.csv and the comparison plots written at the end of a sweep; returns the
+    lines to report: the best job by validation, the failed jobs, the plots not drawn.
+    Plain values only: it runs in a warm worker when there is one (cnnexp/warm_pool.py)."""
+    from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line
+
+    problems: list[str] = []
+    table = write_summary(sweep_dir, plots=plots, problems=problems)
+    return best_by_validation_line(table), failed_jobs_line(table), problems
 
 
 class SweepSummaryCallback(Callback):
@@ -71,22 +89,20 @@ class SweepSummaryCallback(Callback):
             log.warning("Could not update the sweep summary: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from cnnexp.sweep.table import best_by_validation_line, failed_jobs_line
-
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir() or (sweep_dir / SEARCH_FILE).is_file():
             return  # an Optuna search: its sweeper has summarised, plotted and reported it
         plots = OmegaConf.select(config, "trainer.plots", default="all") != "none"
-        try:
-            table = write_summary(sweep_dir, plots=plots)
+        try:  # pandas and matplotlib: in a joblib sweep's warm worker, which has them imported
+            best, line, problems = warm_pool.call(sweep_outcome, sweep_dir.absolute(), plots)
         except CnnexpError as err:  # summary.csv does not fit on the disk
             print(f"cnnexp: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        for problem in problems:
+            log.warning("%s", problem)
         log.info("Sweep summary: %s", sweep_dir / SUMMARY_FILE)
-        best = best_by_validation_line(table)
         if best:
             log.info("%s", best)
-        line = failed_jobs_line(table)
         if line:
             print(f"cnnexp: error: {line}", file=sys.stderr)
             raise SystemExit(1)

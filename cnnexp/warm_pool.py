@@ -38,10 +38,6 @@ def withdraw() -> None:
     _pool_arguments = None
 
 
-def offered() -> bool:
-    return _pool_arguments is not None
-
-
 def call(function: Callable[..., T], *args) -> T:
     """function(*args), in a warm worker when there is one, else here.
     A CnnexpError it raises reaches the caller either way."""

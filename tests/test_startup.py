@@ -237,6 +237,29 @@ def test_hydras_joblib_launcher_reuses_the_warmed_workers():
     assert set(pids) <= set(warmed)  # no new worker was started
 
 
+
+def test_work_handed_to_the_warm_pool_runs_in_a_worker_or_here_with_the_same_errors(tmp_path):
+    import os
+
+    from cnnexp import warm_pool
+    from cnnexp.errors import ConfigError
+    from cnnexp.run.ownership import check_writable
+    from cnnexp.run.warm_workers import launcher_arguments
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    try:
+        assert warm_pool.call(os.getpid) == os.getpid()  # no pool offered: here
+        warm_pool.offer(launcher_arguments(2))
+        assert warm_pool.call(os.getpid) != os.getpid()  # in the worker
+        with pytest.raises(ConfigError, match="cannot be written"):  # the worker's error, raised here
+            warm_pool.call(check_writable, blocked / "run")
+        warm_pool.offer({**launcher_arguments(2), "backend": "no-such-backend"})
+        assert warm_pool.call(os.getpid) == os.getpid()  # a pool that cannot take it: here
+    finally:
+        warm_pool.withdraw()
+
+
 # Put on a command's PYTHONPATH: each Python process records, as it exits, which heavy modules it imported.
 RECORD_IMPORTS = """
 import atexit, json, os, sys

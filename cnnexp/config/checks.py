@@ -5,9 +5,9 @@ Hydra composes, except keys added with `+key=value` or `++key=value`: Hydra
 adds those to any node, schema or not (OmegaConf's force_add ignores the
 struct flag), so nothing would read them. `check_unknown_keys` refuses them
 in the composed config; the SweepKeysCheck callback (config/sweep_keys.py)
-does the same for every job of a sweep or search before the first one starts. The rest are the ranges
-and facts a type cannot express. Each failure is one ConfigError naming the
-key, the value and what is allowed.
+does the same for every job of a sweep or search before the first one
+starts. The rest are the ranges and facts a type cannot express. Each failure
+is one ConfigError naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations

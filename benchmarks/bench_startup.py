@@ -41,6 +41,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from source_trees import add_tree_argument, tree_environments
+
 # Installed as sitecustomize.py in the children: marks phases without touching cnnexp's code.
 SITECUSTOMIZE = textwrap.dedent('''
     import functools
@@ -209,9 +211,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--only", choices=["run", "run_background", "sweep", "search"], action="append",
                         help="run only these scenarios (repeatable)")
-    parser.add_argument("--tree", action="append", default=[],
-                        help="a cnnexp source tree to time instead of the installed one (repeatable: the "
-                             "trees run interleaved, side by side)")
+    add_tree_argument(parser)
     parser.add_argument("--launcher", default="basic", choices=["basic", "joblib"],
                         help="launcher of the sweep and the search (joblib: 2 parallel jobs)")
     args = parser.parse_args()
@@ -221,10 +221,8 @@ def main() -> None:
         (tmp / "site").mkdir()
         (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         marks = tmp / "marks.txt"
-        trees = [str(Path(t).resolve()) for t in args.tree] or [""]  # "": the installed cnnexp
-        envs = {tree: dict(os.environ, CNNEXP_BENCH_MARKS=str(marks), PYTHONPATH=os.pathsep.join(
-                    filter(None, [str(tmp / "site"), tree, os.environ.get("PYTHONPATH")])))
-                for tree in trees}
+        envs = tree_environments(args.tree, [str(tmp / "site")], CNNEXP_BENCH_MARKS=str(marks))
+        trees = list(envs)
         common = ["data=synthetic", f"data.n_train={args.n_train}", "data.n_test=1000",
                   f"trainer.max_epochs={args.epochs}", "trainer.progress=none"]
         launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if args.launcher == "joblib" else []

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from source_trees import add_tree_argument, tree_environments
+
 LAUNCHERS = {
     "basic": [],
     "joblib n_jobs=2": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -41,13 +43,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--tree", action="append", default=[],
-                        help="a cnnexp source tree to time instead of the installed one (repeatable: the trees "
-                             "run interleaved, side by side)")
+    add_tree_argument(parser)
     args = parser.parse_args()
-    trees = [str(Path(t).resolve()) for t in args.tree] or [""]  # "": the installed cnnexp
-    envs = {tree: dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
-            for tree in trees}
+    envs = tree_environments(args.tree)
+    trees = list(envs)
     cases = [(tree, name) for tree in trees for name in LAUNCHERS]
     times = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:

@@ -223,9 +223,9 @@ def test_hydras_joblib_launcher_reuses_the_warmed_workers():
     from joblib import Parallel, delayed
 
     from cnnexp.cli import config_dir
-    from cnnexp.run.warm_workers import warm
+    from cnnexp.run.warm_workers import launcher_arguments, warm
 
-    warmed = warm(2)
+    warmed = warm(launcher_arguments(2))
     assert len(set(warmed)) == 2 and os.getpid() not in warmed
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],

@@ -98,21 +98,23 @@ def start(arguments: list[str]) -> threading.Thread | None:
     if n_jobs is None:
         return None
     try:
-        warm_pool.offer(launcher_arguments(n_jobs))  # the parent's checks and summary run in these workers
+        parallel_arguments = launcher_arguments(n_jobs)
     except Exception:  # noqa: BLE001 - no joblib launcher here: Hydra will say so
         return None
-    thread = threading.Thread(target=warm, args=(n_jobs, draws_figures(arguments)), name="cnnexp-warm-workers",
-                              daemon=True)
+    warm_pool.offer(parallel_arguments)  # the parent's checks and summary run in these workers
+    thread = threading.Thread(target=warm, args=(parallel_arguments, draws_figures(arguments)),
+                              name="cnnexp-warm-workers", daemon=True)
     thread.start()
     return thread
 
 
-def warm(n_jobs: int, figures: bool = True) -> list[int]:
-    """The pids of the warmed workers ([] when the pool cannot be started here)."""
+def warm(arguments: dict, figures: bool = True) -> list[int]:
+    """The pids of the workers of the pool these joblib.Parallel arguments
+    start, warmed ([] when the pool cannot be started here)."""
     try:
         from joblib import Parallel, delayed, effective_n_jobs
 
-        workers, arguments = effective_n_jobs(n_jobs), launcher_arguments(n_jobs)
+        workers = effective_n_jobs(arguments["n_jobs"])
         pids = Parallel(**arguments)(delayed(import_job_modules)() for _ in range(workers))
         if figures:
             Parallel(**arguments)(delayed(import_figure_modules)() for _ in range(workers))
